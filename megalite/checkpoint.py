@@ -1,0 +1,207 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): atomic, resumable, layout-independent.
+
+    <run_dir>/checkpoints/step_00000400/
+        .metadata, __*_*.distcp   model + optimizer, written by DCP (sharded, reshardable)
+        rank_00000.pt ...         per-rank trainer state: RNG states, data-stream position
+        meta.json                 step, tokens, world size, model config (written last)
+    <run_dir>/checkpoints/latest  name of the newest complete checkpoint
+
+A checkpoint is written into `step_N.tmp/` and renamed to `step_N/` only after every rank has
+finished, so a directory named `step_N` with a meta.json is always complete; `latest` is replaced
+atomically after the rename. Model and optimizer state go through
+`torch.distributed.checkpoint.state_dict`, which gives unsharded FQNs for any wrapper, so a
+checkpoint written under one layout loads under another. Per-rank files hold only tensors and
+plain Python values and are loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from megalite.config import ModelConfig
+from megalite.parallel.distributed import DistInfo, barrier
+
+# Fields that decide parameter shapes: a checkpoint is loadable only if they all match.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "tie_embeddings")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the path, the problem and the fix."""
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_complete(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written `.tmp` dir is never listed)."""
+    root = ckpt_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+        and (p / "meta.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def newest_complete(run_dir: str | Path) -> Path | None:
+    found = list_complete(run_dir)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def model_meta(cfg: ModelConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def check_compatible(path: Path, cfg: ModelConfig) -> dict[str, Any]:
+    """Reads meta.json and refuses a checkpoint of a different model shape, naming every field."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{str(path)!r} is not a complete megalite checkpoint (no meta.json); "
+            "point train.resume at a step_N dir, or use train.resume=auto"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{str(meta_path)!r} is not valid JSON ({e})") from e
+    saved = meta.get("model", {})
+    want = model_meta(cfg)
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r}, config {want[k]!r}"
+        for k in SHAPE_FIELDS
+        if saved.get(k) != want[k]
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written for a different model shape ("
+            + "; ".join(diffs)
+            + "); use the same model config, or a fresh train.run_dir"
+        )
+    return meta
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    model_cfg: ModelConfig,
+    dist_info: DistInfo,
+    keep_last: int,
+) -> Path:
+    """Writes a checkpoint atomically on every rank (a collective); returns its final path."""
+    root = ckpt_root(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if dist_info.is_main:
+        if tmp.exists():  # a save that died earlier at this step
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        # Without a process group DCP warns that it saves from a single process: intended.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rank_state = dict(trainer_state, rng=_rng_state(dist_info.device))
+    torch.save(rank_state, tmp / f"rank_{dist_info.rank:05d}.pt")
+    barrier()
+    if dist_info.is_main:
+        meta = {
+            "step": step,
+            "tokens": trainer_state.get("tokens"),
+            "world_size": dist_info.world_size,
+            "model": model_meta(model_cfg),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        latest_tmp = root / "latest.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        latest_tmp.replace(root / "latest")
+        _fsync_dir(root)
+        # Prune after the new checkpoint is complete: the newest is never deleted.
+        for old in list_complete(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_cfg: ModelConfig,
+    dist_info: DistInfo,
+) -> dict[str, Any]:
+    """Loads model + optimizer in place (resharding as needed) and returns the trainer state of
+    this rank (rank 0's when the world size changed: the data position is global)."""
+    meta = check_compatible(path, model_cfg)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    rank_file = path / f"rank_{dist_info.rank:05d}.pt"
+    same_world = meta.get("world_size") == dist_info.world_size
+    if not same_world or not rank_file.is_file():
+        rank_file = path / "rank_00000.pt"
+    trainer_state = torch.load(rank_file, weights_only=True)
+    if same_world:
+        _set_rng_state(trainer_state["rng"], dist_info.device)
+    trainer_state["meta"] = meta
+    return trainer_state

@@ -1,0 +1,301 @@
+"""Typed configuration: one dataclass schema per Hydra group, registered in the ConfigStore.
+
+Every YAML file under `conf/<group>/` starts from its schema (`defaults: [base_<group>, _self_]`),
+so an unknown key or a wrong type fails when Hydra composes the config. Values are checked where
+they live (`__post_init__`, which `OmegaConf.to_object` runs), and the checks that need several
+groups or the world size live in `Config.__post_init__` and `check_world_size` — nowhere else.
+
+Every error names the full key, the value received and a fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the key, the value and the fix."""
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}; pick one of them")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} must be {bound}")
+
+
+# --------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """A decoder-only Llama-style transformer. Presets: conf/model/*.yaml."""
+
+    name: str = "debug"
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # None: as many kv heads as query heads (multi-head attention).
+    n_kv_heads: int | None = None
+    # None: Llama's rule, 8/3 * dim scaled by ffn_dim_multiplier and rounded up to multiple_of.
+    ffn_dim: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention: str = "sdpa"  # sdpa | triton | flash_attn
+    norm: str = "torch"  # torch | triton
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+            _positive(f"model.{key}", getattr(self, key))
+        _positive("model.norm_eps", self.norm_eps)
+        _positive("model.rope_theta", self.rope_theta)
+        _positive("model.init_std", self.init_std)
+        if self.n_kv_heads is not None:
+            _positive("model.n_kv_heads", self.n_kv_heads)
+        if self.dim % self.n_heads:
+            raise ConfigError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                f"pick n_heads dividing {self.dim}"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                f"{self.n_kv_heads}; pick n_kv_heads dividing {self.n_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model.dim / model.n_heads = {self.head_dim} is odd; RoPE needs an even head dim"
+            )
+        if self.ffn_dim is not None:
+            _positive("model.ffn_dim", self.ffn_dim)
+        _choice("model.attention", self.attention, ("sdpa", "triton", "flash_attn"))
+        _choice("model.norm", self.norm, ("torch", "triton"))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size, by Llama's rule unless `ffn_dim` is given."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+# ------------------------------------------------------------------------------------ parallel
+@dataclass
+class ParallelConfig:
+    """How the model is spread over ranks. The parallelism issue adds fsdp, tp and DeepSpeed."""
+
+    strategy: str = "ddp"  # single | ddp
+    # Process-group backend: auto picks nccl on CUDA and gloo on CPU.
+    backend: str = "auto"
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        _choice("parallel.strategy", self.strategy, ("single", "ddp"))
+        _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        _positive("parallel.timeout_s", self.timeout_s)
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """A dataset prepared by `megalite-data prepare`: <dir>/{train,val}/ MDS shards + tokenizer."""
+
+    name: str = "shakespeare"
+    dir: str = "data/shakespeare"
+    # Samples are packed to seq_len + 1 tokens (inputs and shifted targets); must match the shards.
+    seq_len: int = 128
+    shuffle: bool = True
+    num_workers: int = 0
+    # How `make demo` / `megalite-data prepare` builds this dataset when it is missing.
+    prepare_hint: str = "megalite-data prepare shakespeare --out data/shakespeare"
+
+    def __post_init__(self) -> None:
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if not self.dir:
+            raise ConfigError("data.dir is empty; point it at a dir made by `megalite-data prepare`")
+
+
+# --------------------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    """AdamW with per-group weight decay, and the learning-rate schedule."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Decay is off for norms and embeddings by default (they are not matrices acting on features).
+    decay_norms: bool = False
+    decay_embeddings: bool = False
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    # wsd: fraction of the run spent in the final (linear) decay.
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        _positive("optim.eps", self.eps)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _choice("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+
+
+# --------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    """The loop: batch shape, precision, loss backend, eval and checkpoint cadence, resume."""
+
+    seed: int = 1234
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    # Sequences per optimizer step over all ranks; None derives micro x accum x data-parallel size.
+    global_batch_size: int | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    loss: str = "torch"  # torch | triton | fused_linear
+    compile: bool = False
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic eval (a final eval still runs)
+    eval_batches: int = 20
+    ckpt_every: int = 100  # 0 disables periodic checkpoints (a final one is still written)
+    keep_last: int = 2
+    # none: start fresh (refuses a run_dir that already holds checkpoints); auto: newest complete
+    # checkpoint in run_dir if any; or a path to a checkpoint dir.
+    resume: str = "none"
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("eval_every", "eval_batches", "ckpt_every"):
+            _positive(f"train.{key}", getattr(self, key), allow_zero=True)
+        _positive("train.keep_last", self.keep_last)
+        if self.global_batch_size is not None:
+            _positive("train.global_batch_size", self.global_batch_size)
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", self.precision, ("bf16", "fp32"))
+        _choice("train.loss", self.loss, ("torch", "triton", "fused_linear"))
+        if not self.run_dir:
+            raise ConfigError("train.run_dir is empty; give a directory for checkpoints and logs")
+
+
+# ------------------------------------------------------------------------------------- logging
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "megalite"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("logging.wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    jsonl: bool = True
+    # Dense bf16 peak TFLOP/s per device for MFU. None: the table for known GPUs, or a short
+    # measured GEMM probe on CPUs and unknown devices (labeled as such in the logs).
+    peak_tflops: float | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if self.peak_tflops is not None:
+            _positive("logging.peak_tflops", self.peak_tflops)
+
+
+# ---------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Name of the experiment preset, used in the run-dir name and the logs.
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
+            )
+        if not self.train.resume:
+            raise ConfigError("train.resume is empty; use none, auto or a checkpoint dir")
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """Checks the batch arithmetic against the world size; returns the global batch size."""
+    if cfg.parallel.strategy == "single" and world_size != 1:
+        raise ConfigError(
+            f"parallel.strategy=single but the world size is {world_size}; "
+            "use parallel=ddp (or another multi-rank layout) under torchrun"
+        )
+    dp = world_size
+    derived = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
+    if cfg.train.global_batch_size is not None and cfg.train.global_batch_size != derived:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} does not equal "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum_steps="
+            f"{cfg.train.grad_accum_steps} x data-parallel size {dp} = {derived}; set "
+            f"train.global_batch_size={derived} or change the micro-batch / accumulation"
+        )
+    return derived
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "logging": LoggingConfig,
+}
+
+
+def register_configs() -> None:
+    """Registers `base_config` and one `base_<group>` schema per group in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schema in GROUPS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)

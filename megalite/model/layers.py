@@ -1,0 +1,151 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Single-device code: nothing here imports torch.distributed. Backends are chosen by config and
+resolved once, at construction; the Triton kernels and flash-attn are imported lazily so a CPU box
+without them imports this module.
+
+Shape legend: B batch, T sequence, H query heads, K kv heads, D head dim, C model dim, F ffn dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalite.kernels import reference
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A configured backend cannot run here; the message names the key and the alternatives."""
+
+
+# ----------------------------------------------------------------------------------- RMSNorm
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, backend: str = "torch") -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self._fn = _norm_fn(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x, self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def _norm_fn(backend: str) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    if backend == "torch":
+        return reference.rms_norm
+    if backend == "triton":
+        try:
+            from megalite.kernels.rms_norm import rms_norm
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"model.norm=triton but the Triton RMSNorm kernel cannot be imported ({e}); "
+                "use model.norm=torch"
+            ) from e
+        return rms_norm
+    raise ValueError(f"model.norm={backend!r} is not one of torch, triton")
+
+
+# -------------------------------------------------------------------------------------- RoPE
+def rope_cos_sin(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
+) -> torch.Tensor:
+    """cos and sin tables stacked as (2, T, D/2), in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    t = torch.arange(max_seq_len, device=device).float()
+    angles_TD = torch.outer(t, inv_freq)
+    return torch.stack([angles_TD.cos(), angles_TD.sin()])
+
+
+def apply_rope(x_BTHD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (x[..., i], x[..., i + D/2]): the "rotate-half" layout of GPT-NeoX and
+    Hugging Face Llama checkpoints (Meta's original checkpoints interleave pairs instead; the
+    converter permutes q/k weights between the two)."""
+    t = x_BTHD.shape[1]
+    cos = rope[0, :t, None, :]
+    sin = rope[1, :t, None, :]
+    x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x_BTHD)
+
+
+# --------------------------------------------------------------------------------- attention
+def _sdpa(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTKD, v_BTKD))
+    out_BHTD = F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out_BHTD.transpose(1, 2)
+
+
+def attention_fn(backend: str) -> AttentionFn:
+    """Causal attention on (B, T, heads, D) tensors for `model.attention=<backend>`."""
+    if backend == "sdpa":
+        return _sdpa
+    if backend == "triton":
+        try:
+            from megalite.kernels.flash_attention import flash_attention
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"model.attention=triton but the Triton attention kernel cannot be imported "
+                f"({e}); use model.attention=sdpa"
+            ) from e
+        return lambda q, k, v: flash_attention(q, k, v, causal=True)
+    if backend == "flash_attn":
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError as e:
+            raise BackendUnavailableError(
+                "model.attention=flash_attn but the flash-attn package is not installed "
+                f"({e}); install it with `pip install megalite[gpu]` on a CUDA machine, "
+                "or use model.attention=sdpa (or triton)"
+            ) from e
+        # flash-attn takes (B, T, heads, D) and handles GQA itself.
+        return lambda q, k, v: flash_attn_func(q, k, v, causal=True)
+    raise ValueError(f"model.attention={backend!r} is not one of sdpa, triton, flash_attn")
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int, attention: AttentionFn
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self._attention = attention
+
+    def forward(self, x_BTC: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x_BTC.shape
+        # -1 instead of the head counts: under tensor parallelism each rank holds a slice of heads.
+        q_BTHD = self.wq(x_BTC).view(b, t, -1, self.head_dim)
+        k_BTKD = self.wk(x_BTC).view(b, t, -1, self.head_dim)
+        v_BTKD = self.wv(x_BTC).view(b, t, -1, self.head_dim)
+        q_BTHD, k_BTKD = apply_rope(q_BTHD, rope), apply_rope(k_BTKD, rope)
+        out_BTHD = self._attention(q_BTHD, k_BTKD, v_BTKD)
+        return self.wo(out_BTHD.reshape(b, t, -1))
+
+
+# ---------------------------------------------------------------------------------------- MLP
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), Llama's feed-forward block."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BTC)) * self.w3(x_BTC))

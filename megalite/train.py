@@ -1,0 +1,63 @@
+"""`megalite-train`: the Hydra entry point. compose -> typed Config -> Trainer(cfg).fit().
+
+    megalite-train                                   # experiment=cpu_demo, the README's demo
+    megalite-train model=llama_125m data=shakespeare train.max_steps=200
+    torchrun --nproc_per_node=4 -m megalite.train parallel=ddp
+    megalite-train --cfg job                         # print the resolved config and exit
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megalite.config import Config, ConfigError, register_configs
+
+CONF_DIR = list(importlib.util.find_spec("megalite.conf").submodule_search_locations)[0]
+
+register_configs()
+
+
+def to_config(raw: DictConfig) -> Config:
+    """The one conversion from Hydra's DictConfig to typed dataclasses (runs every __post_init__
+    check). Nothing below this point sees a DictConfig."""
+    try:
+        return OmegaConf.to_object(raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
+
+
+def fail(msg: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    prefix = "megalite-train: error: " if rank == "0" else f"megalite-train[rank {rank}]: error: "
+    print(prefix + msg, file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def run(raw: DictConfig) -> None:
+    from megalite.checkpoint import CheckpointError
+    from megalite.data.prepare import DataError
+    from megalite.model.layers import BackendUnavailableError
+
+    try:
+        cfg = to_config(raw)
+        from megalite.trainer import Trainer
+
+        trainer = Trainer(cfg)
+    except (ConfigError, DataError, CheckpointError, BackendUnavailableError) as e:
+        fail(str(e))
+    trainer.fit()
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""The training loop: setup, step (accumulate, clip, update), eval, checkpoint, log.
+
+Reads top to bottom: `Trainer.__init__` checks everything that can be checked cheaply before any
+process group, model or data stream exists (config against world size, dataset against model,
+checkpoint against model), then builds; `fit` runs the loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from megalite import checkpoint
+from megalite.config import Config, ConfigError, check_world_size
+from megalite.data.loader import TrainStream, ValSet, check_dataset
+from megalite.metrics import (
+    MetricsLogger,
+    flops_per_token,
+    peak_memory_gb,
+    plot_losses,
+    read_metrics,
+    redact,
+    resolve_peak,
+)
+from megalite.model.transformer import Transformer, count_params
+from megalite.optim import build_optimizer, lr_at
+from megalite.parallel.distributed import (
+    all_reduce_mean,
+    init_distributed,
+    shutdown,
+    world_size_from_env,
+)
+from megalite.parallel.parallelize import parallelize, unwrap
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint to start from per `train.resume`, or None for a fresh run. Refuses to start
+    a fresh run in a run dir that already holds one, so nothing written before is overwritten."""
+    run_dir = Path(cfg.train.run_dir)
+    resume = cfg.train.resume
+    if resume == "none":
+        existing = checkpoint.newest_complete(run_dir)
+        if existing is not None or (run_dir / "metrics.jsonl").exists():
+            what = f"checkpoint {existing.name}" if existing else "metrics.jsonl"
+            raise ConfigError(
+                f"train.run_dir={str(run_dir)!r} already holds a run ({what}); pass "
+                "train.resume=auto to continue it, or choose another train.run_dir"
+            )
+        return None
+    if resume == "auto":
+        return checkpoint.newest_complete(run_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(
+            f"train.resume={resume!r} is not a directory; give a step_N checkpoint dir, or auto"
+        )
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        tcfg = cfg.train
+        # ---- preflight: cheap checks, before any process group, model or data stream
+        world = world_size_from_env()
+        self.global_batch = check_world_size(cfg, world)
+        self.manifest = check_dataset(cfg.data, cfg.model)
+        self.resume_from = resolve_resume(cfg)
+        if self.resume_from is not None:
+            checkpoint.check_compatible(self.resume_from, cfg.model)
+
+        # ---- distributed + device
+        self.dist = init_distributed(tcfg.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+        self.device = self.dist.device
+        torch.manual_seed(tcfg.seed + self.dist.rank)
+        self.run_dir = Path(tcfg.run_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._save_config()
+
+        # ---- model: built on meta, materialized, initialized identically on every rank
+        with torch.device("meta"):
+            model = Transformer(cfg.model, loss=tcfg.loss)
+        model.to_empty(device=self.device)
+        model.tie_weights()
+        model.init_weights(seed=tcfg.seed)
+        self.n_params = count_params(model)
+        self.model = parallelize(model, cfg, self.dist)
+        self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if tcfg.precision == "bf16"
+            else nullcontext()
+        )
+
+        # ---- data
+        self.stream = TrainStream(cfg.data, tcfg.micro_batch_size, seed=tcfg.seed)
+        self.val = ValSet(cfg.data, self.dist.rank, self.dist.world_size)
+
+        # ---- state, resumed if asked
+        self.step, self.tokens = 0, 0
+        if self.resume_from is not None:
+            state = checkpoint.load(
+                self.resume_from, self.model, self.optimizer, cfg.model, self.dist
+            )
+            self.step, self.tokens = state["step"], state["tokens"]
+            self.stream.load_state_dict(state["data"])
+
+        # ---- metrics
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
+        self.peak = resolve_peak(self.device, dtype, cfg.logging.peak_tflops)
+        if self.dist.is_main and self.resume_from is not None:
+            self._truncate_metrics(self.step)
+        self.logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.dist.is_main,
+            console=cfg.logging.console,
+            jsonl=cfg.logging.jsonl,
+            wandb_cfg=cfg.logging.wandb,
+            config=self._config_dict(),
+        )
+        self.logger.info(
+            f"megalite: {cfg.name} | model {cfg.model.name} {self.n_params / 1e6:.2f}M params | "
+            f"{cfg.parallel.strategy} x{self.dist.world_size} on {self.device} | "
+            f"{tcfg.precision} | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token | MFU {self.peak.label}"
+        )
+        if self.resume_from is not None:
+            self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
+
+    # ------------------------------------------------------------------------------ helpers
+    def _config_dict(self) -> dict:
+        return redact(OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True))
+
+    def _save_config(self) -> None:
+        """The resolved config, in the run dir; a resumed run with other settings keeps both."""
+        text = OmegaConf.to_yaml(OmegaConf.create(self._config_dict()))
+        path = self.run_dir / "config.yaml"
+        if path.exists() and path.read_text() != text:
+            path = self.run_dir / f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        path.write_text(text)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drops records past the resumed step: those steps are about to be run again."""
+        path = self.run_dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+
+    def _micro_batches(self):
+        for i in range(self.cfg.train.grad_accum_steps):
+            x, y = next(self.stream)
+            last = i == self.cfg.train.grad_accum_steps - 1
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), sync
+
+    # --------------------------------------------------------------------------------- step
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm)."""
+        tcfg = self.cfg.train
+        lr = lr_at(self.step, self.cfg.optim, tcfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y, sync in self._micro_batches():
+            with sync:
+                with self.autocast:
+                    loss = self.model(x, y)
+                (loss / tcfg.grad_accum_steps).backward()
+            loss_sum += loss.detach().float()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.global_batch * self.cfg.data.seq_len
+        loss = all_reduce_mean(loss_sum / tcfg.grad_accum_steps)
+        return loss.item(), grad_norm.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the first eval_batches batches (the same ones each time)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        n = 0
+        for x, y in self.val.batches(self.cfg.train.micro_batch_size, self.cfg.train.eval_batches):
+            with self.autocast:
+                total += self.model(x.to(self.device), y.to(self.device)).float()
+            n += 1
+        if n == 0:
+            return float("nan")
+        return all_reduce_mean(total / n).item()
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "tokens": self.tokens, "data": self.stream.state_dict()}
+        return checkpoint.save(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.cfg.model,
+            self.dist,
+            self.cfg.train.keep_last,
+        )
+
+    # --------------------------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        tcfg = self.cfg.train
+        window_time, window_tokens = 0.0, 0
+        last_val = None
+        try:
+            while self.step < tcfg.max_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                window_time += time.perf_counter() - t0
+                window_tokens += self.global_batch * self.cfg.data.seq_len
+                done = self.step == tcfg.max_steps
+                if self.step % tcfg.log_every == 0 or done:
+                    tok_s = window_tokens / window_time
+                    tflops = self.flops_per_token * tok_s / self.dist.world_size / 1e12
+                    self.logger.log(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "grad_norm": grad_norm,
+                            "tokens": self.tokens,
+                            "tokens_per_s": tok_s,
+                            "tokens_per_s_per_device": tok_s / self.dist.world_size,
+                            "tflops_per_device": tflops,
+                            "mfu": tflops / self.peak.tflops,
+                            "peak_tflops": self.peak.tflops,
+                            "peak_source": self.peak.source,
+                            "mem_gb": peak_memory_gb(self.device),
+                            "step_time_s": window_time / max(1, tcfg.log_every),
+                        }
+                    )
+                    window_time, window_tokens = 0.0, 0
+                if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or done:
+                    last_val = self.evaluate()
+                    self.logger.log(
+                        {
+                            "step": self.step,
+                            "val_loss": last_val,
+                            "val_ppl": math.exp(min(last_val, 50.0)),
+                            "tokens": self.tokens,
+                        }
+                    )
+                if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or done:
+                    path = self.save_checkpoint()
+                    self.logger.info(f"checkpoint {path}")
+            return self._finish(last_val)
+        finally:
+            self.close()
+
+    def _finish(self, val_loss: float | None) -> dict:
+        summary = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "val_loss": val_loss,
+            "unigram_val_loss": self.manifest.get("unigram_val_loss"),
+            "n_params": self.n_params,
+        }
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.cfg.train.plot and self.cfg.logging.jsonl:
+                plot_losses(
+                    self.run_dir / "metrics.jsonl",
+                    self.run_dir / "loss.png",
+                    baseline=summary["unigram_val_loss"],
+                )
+            if val_loss is not None and summary["unigram_val_loss"] is not None:
+                self.logger.info(
+                    f"done: step {self.step}, val_loss {val_loss:.4f} vs unigram baseline "
+                    f"{summary['unigram_val_loss']:.4f} | {self.run_dir}/loss.png"
+                )
+        return summary
+
+    def close(self) -> None:
+        """Releases the data streams and the process group (in that order); safe to call twice."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self.logger.close()
+        self.stream.close()
+        self.val.close()
+        # Dropping the DDP wrapper before destroying the group avoids an abort at exit.
+        del self.model, self.optimizer
+        gc.collect()
+        shutdown()

@@ -1,0 +1,76 @@
+"""megalite: PyTorch-native LLM pretraining.
+
+`kernels/` installs as `megalite.kernels` and `conf/` ships inside the package as `megalite/conf`
+(package data), so an installed megalite finds its Hydra configs without the source tree.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+# Exact pins for the parts whose builds must match each other: torchvision is imported by
+# mosaicml-streaming, and a torchvision that does not match the torch build fails to import.
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "triton",  # version pinned by torch itself
+    "numpy>=1.26,<2.2",  # mosaicml-streaming's bound
+    "mosaicml-streaming==0.13.0",
+    "hydra-core==1.3.2",
+    "omegaconf==2.3.0",
+    "tokenizers>=0.21,<0.23",
+    "safetensors>=0.4",
+    "wandb>=0.19",
+    "rich>=13",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    "gpu": ["flash-attn>=2.6"],
+    "deepspeed": ["deepspeed==0.19.8"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "ruff>=0.6",
+        "transformers>=4.45,<5",
+    ],
+}
+
+
+def _conf_files() -> list[str]:
+    return sorted(str(p.relative_to(HERE / "conf")) for p in (HERE / "conf").rglob("*.yaml"))
+
+
+setup(
+    name="megalite",
+    version="0.1.0",
+    description="PyTorch-native pretraining of large language models, from one CPU to GPU clusters",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "megalite",
+        "megalite.model",
+        "megalite.data",
+        "megalite.parallel",
+        "megalite.kernels",
+        "megalite.conf",
+    ],
+    package_dir={
+        "megalite": "megalite",
+        "megalite.kernels": "kernels",
+        "megalite.conf": "conf",
+    },
+    package_data={"megalite.conf": _conf_files()},
+    include_package_data=False,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "megalite-train=megalite.train:main",
+            "megalite-data=megalite.data.cli:main",
+        ]
+    },
+)
