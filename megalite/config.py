@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 
 class ConfigError(ValueError):
@@ -180,7 +179,11 @@ class TrainConfig:
     """The loop: batch shape, precision, loss backend, eval and checkpoint cadence, resume."""
 
     seed: int = 1234
+    # The length of the whole run: the lr schedule is laid out over max_steps.
     max_steps: int = 100
+    # Stop this job after this step (with a checkpoint) without changing the schedule: a run
+    # split over several jobs resumes with train.resume=auto. None runs to max_steps.
+    stop_at_step: int | None = None
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     # Sequences per optimizer step over all ranks; None derives micro x accum x data-parallel size.
@@ -208,6 +211,8 @@ class TrainConfig:
         _positive("train.keep_last", self.keep_last)
         if self.global_batch_size is not None:
             _positive("train.global_batch_size", self.global_batch_size)
+        if self.stop_at_step is not None:
+            _positive("train.stop_at_step", self.stop_at_step)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("bf16", "fp32"))
         _choice("train.loss", self.loss, ("torch", "triton", "fused_linear"))
@@ -251,8 +256,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Name of the experiment preset, used in the run-dir name and the logs.
-    name: str = MISSING
+    # Name of the run (experiments set it), shown in the logs and wandb.
+    name: str = "default"
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:

@@ -220,15 +220,18 @@ class Trainer:
         tcfg = self.cfg.train
         window_time, window_tokens = 0.0, 0
         last_val = None
+        last_step = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
+        if self.step >= last_step:
+            self.logger.info(f"nothing to do: the run is at step {self.step} of {last_step}")
         try:
-            while self.step < tcfg.max_steps:
+            while self.step < last_step:
                 t0 = time.perf_counter()
                 loss, grad_norm = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 window_time += time.perf_counter() - t0
                 window_tokens += self.global_batch * self.cfg.data.seq_len
-                done = self.step == tcfg.max_steps
+                done = self.step == last_step
                 if self.step % tcfg.log_every == 0 or done:
                     tok_s = window_tokens / window_time
                     tflops = self.flops_per_token * tok_s / self.dist.world_size / 1e12
