@@ -24,7 +24,7 @@ import triton.language as tl
 from megalite.kernels._utils import INTERPRET, check_same_device, check_tensor, num_programs_cap
 
 OP = "rms_norm"
-MAX_HIDDEN = 65536  # one row must fit in a block of registers/shared memory
+MAX_HIDDEN = 16384  # one row is one block; wider rows would spill registers heavily
 
 
 @triton.jit
@@ -71,7 +71,6 @@ def _rms_norm_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     # Each program owns a contiguous run of rows, so dw needs one fp32 partial per program instead
     # of a (N, C) buffer or atomics.
     dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -81,6 +80,9 @@ def _rms_norm_bwd_kernel(
         x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + r)
+        # w is re-read per row (an L1/L2 hit) rather than held across the loop: with x, dy and
+        # dw_acc live, a 16K-wide row would otherwise spill registers.
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         x_hat = x * rstd
         wdy = w * dy
         c = tl.sum(x_hat * wdy, axis=0) / n_cols

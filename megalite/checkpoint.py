@@ -57,7 +57,9 @@ def list_complete(run_dir: str | Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+        if p.is_dir()
+        and p.name.startswith("step_")
+        and p.name[5:].isdigit()
         and (p / "meta.json").is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[5:]))

@@ -136,7 +136,9 @@ class DataConfig:
         _positive("data.seq_len", self.seq_len)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         if not self.dir:
-            raise ConfigError("data.dir is empty; point it at a dir made by `megalite-data prepare`")
+            raise ConfigError(
+                "data.dir is empty; point it at a dir made by `megalite-data prepare`"
+            )
 
 
 # --------------------------------------------------------------------------------------- optim

@@ -34,7 +34,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, fused: bool | None = None
+) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         param_groups(model, cfg),
         lr=cfg.lr,

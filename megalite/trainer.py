@@ -161,7 +161,11 @@ class Trainer:
             x, y = next(self.stream)
             last = i == self.cfg.train.grad_accum_steps - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            sync = (
+                nullcontext()
+                if last or not hasattr(self.model, "no_sync")
+                else self.model.no_sync()
+            )
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), sync
 
     # --------------------------------------------------------------------------------- step

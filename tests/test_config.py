@@ -32,7 +32,10 @@ def test_wrong_type_fails_at_compose():
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
+        (
+            ["model.n_heads=4", "model.n_kv_heads=3"],
+            "model.n_heads=4 is not divisible by model.n_kv_heads=3",
+        ),
         (["model.dim=250", "model.n_heads=4"], "model.dim=250 is not divisible by model.n_heads=4"),
         (["model.attention=xformers"], "model.attention='xformers' is not one of"),
         (["train.precision=fp8"], "train.precision='fp8'"),
@@ -48,7 +51,9 @@ def test_invalid_values_name_key_value_and_fix(override, message):
 
 
 def test_global_batch_must_equal_micro_times_accum_times_dp():
-    cfg = compose(["train.micro_batch_size=4", "train.grad_accum_steps=2", "train.global_batch_size=16"])
+    cfg = compose(
+        ["train.micro_batch_size=4", "train.grad_accum_steps=2", "train.global_batch_size=16"]
+    )
     assert check_world_size(cfg, 2) == 16
     with pytest.raises(ConfigError, match=r"train.global_batch_size=16 does not equal .* = 8"):
         check_world_size(cfg, 1)

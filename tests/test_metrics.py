@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megalite.config import ModelConfig
+from megalite.config import ModelConfig, WandbConfig
 from megalite.metrics import (
     MetricsLogger,
     flops_per_token,
@@ -17,7 +17,6 @@ from megalite.metrics import (
     plot_losses,
     redact,
 )
-from megalite.config import WandbConfig
 from megalite.model.transformer import build_model
 
 
@@ -26,7 +25,15 @@ from megalite.model.transformer import build_model
     [
         dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=96),  # MHA
         dict(vocab_size=257, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=160),  # GQA
-        dict(vocab_size=131, dim=64, n_layers=2, n_heads=8, n_kv_heads=1, ffn_dim=128, tie_embeddings=True),
+        dict(
+            vocab_size=131,
+            dim=64,
+            n_layers=2,
+            n_heads=8,
+            n_kv_heads=1,
+            ffn_dim=128,
+            tie_embeddings=True,
+        ),
     ],
 )
 def test_matmul_flops_match_flop_counter(shape):
@@ -43,7 +50,9 @@ def test_matmul_flops_match_flop_counter(shape):
     ours = 6 * matmul_params(cfg) * b * t
     assert counted == pytest.approx(ours, rel=0.01)
     # The documented total adds the attention term 12 * L * C * T per token on top.
-    assert flops_per_token(cfg, t) * b * t == pytest.approx(ours + 12 * cfg.n_layers * cfg.dim * t * b * t)
+    assert flops_per_token(cfg, t) * b * t == pytest.approx(
+        ours + 12 * cfg.n_layers * cfg.dim * t * b * t
+    )
 
 
 def test_attention_term_against_counter_with_math_sdpa():
@@ -51,7 +60,9 @@ def test_attention_term_against_counter_with_math_sdpa():
     exactly our (non-causally-halved) attention term."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=64
+    )
     model = build_model(cfg)
     b, t = 2, 16
     x = torch.randint(0, 64, (b, t))
@@ -89,9 +100,20 @@ def test_redact_drops_secrets():
 
 
 def test_jsonl_sink_and_plot(tmp_path, capsys):
-    logger = MetricsLogger(tmp_path, enabled=True, console=True, jsonl=True, wandb_cfg=WandbConfig(), config={})
-    rec = dict(step=1, loss=5.0, lr=1e-3, grad_norm=1.0, tokens=100, tokens_per_s=10.0,
-               tflops_per_device=0.1, mfu=0.5, mem_gb=1.0)
+    logger = MetricsLogger(
+        tmp_path, enabled=True, console=True, jsonl=True, wandb_cfg=WandbConfig(), config={}
+    )
+    rec = dict(
+        step=1,
+        loss=5.0,
+        lr=1e-3,
+        grad_norm=1.0,
+        tokens=100,
+        tokens_per_s=10.0,
+        tflops_per_device=0.1,
+        mfu=0.5,
+        mem_gb=1.0,
+    )
     logger.log(rec)
     logger.log({"step": 1, "val_loss": 4.0, "val_ppl": 54.6, "tokens": 100})
     assert "loss 5.0000" in capsys.readouterr().out
@@ -103,8 +125,14 @@ def test_jsonl_sink_and_plot(tmp_path, capsys):
 
 def test_wandb_offline_sink_writes_locally(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = MetricsLogger(tmp_path, enabled=True, console=False, jsonl=False,
-                           wandb_cfg=WandbConfig(mode="offline", project="t"), config={"a": 1})
+    logger = MetricsLogger(
+        tmp_path,
+        enabled=True,
+        console=False,
+        jsonl=False,
+        wandb_cfg=WandbConfig(mode="offline", project="t"),
+        config={"a": 1},
+    )
     logger.log({"step": 1, "val_loss": 4.0, "val_ppl": 54.6, "tokens": 100})
     logger.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))

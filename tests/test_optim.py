@@ -35,7 +35,9 @@ def test_constant_after_warmup():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_no_weight_decay_on_norms_and_embeddings(tied):
-    model = build_model(ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=2, tie_embeddings=tied))
+    model = build_model(
+        ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=2, tie_embeddings=tied)
+    )
     groups = param_groups(model, OptimConfig(weight_decay=0.1))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups[0]["params"]}
@@ -43,9 +45,25 @@ def test_no_weight_decay_on_norms_and_embeddings(tied):
     assert groups[1]["weight_decay"] == 0.0
     assert all("norm" in n or "tok_embeddings" in n for n in plain)
     assert "tok_embeddings.weight" in plain
-    assert all(n.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight", "output.weight")) for n in decayed)
+    assert all(
+        n.endswith(
+            (
+                "wq.weight",
+                "wk.weight",
+                "wv.weight",
+                "wo.weight",
+                "w1.weight",
+                "w2.weight",
+                "w3.weight",
+                "output.weight",
+            )
+        )
+        for n in decayed
+    )
     assert ("output.weight" in decayed) == (not tied)
     n_total = sum(1 for _ in model.parameters())  # unique parameters
     assert len(decayed) + len(plain) == n_total
-    both = param_groups(model, OptimConfig(weight_decay=0.1, decay_norms=True, decay_embeddings=True))
+    both = param_groups(
+        model, OptimConfig(weight_decay=0.1, decay_norms=True, decay_embeddings=True)
+    )
     assert len(both) == 1

@@ -11,7 +11,7 @@ import pytest
 
 from megalite.config import ConfigError
 from megalite.metrics import read_metrics
-from tests.conftest import BIN, PYTHON, compose, run_cli, tiny_train_overrides
+from tests.conftest import BIN, REPO, compose, run_cli, tiny_train_overrides
 
 
 def train(overrides: list[str]) -> dict:
@@ -28,11 +28,25 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_smoke_run_writes_metrics_checkpoints_config_and_plot(tiny_data, tmp_path):
     run = tmp_path / "run"
-    summary = train(tiny_train_overrides(tiny_data, run, precision="bf16", plot=True, max_steps=6, ckpt_every=3, keep_last=1))
+    summary = train(
+        tiny_train_overrides(
+            tiny_data, run, precision="bf16", plot=True, max_steps=6, ckpt_every=3, keep_last=1
+        )
+    )
     recs = read_metrics(run / "metrics.jsonl")
     train_recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train_recs] == list(range(1, 7))
-    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops_per_device", "mfu", "mem_gb"):
+    for key in (
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+        "tflops_per_device",
+        "mfu",
+        "mem_gb",
+    ):
         assert key in train_recs[0], key
     assert train_recs[-1]["tokens"] == 6 * 4 * 32
     assert all(math.isfinite(r["loss"]) and r["mfu"] > 0 for r in train_recs)
@@ -68,8 +82,28 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tiny_data, tmp_path):
 def test_accumulation_matches_one_big_batch(tiny_data, tmp_path):
     big = tmp_path / "big"
     acc = tmp_path / "acc"
-    train(tiny_train_overrides(tiny_data, big, micro_batch_size=4, grad_accum_steps=1, max_steps=4, eval_every=0, ckpt_every=0))
-    train(tiny_train_overrides(tiny_data, acc, micro_batch_size=2, grad_accum_steps=2, max_steps=4, eval_every=0, ckpt_every=0))
+    train(
+        tiny_train_overrides(
+            tiny_data,
+            big,
+            micro_batch_size=4,
+            grad_accum_steps=1,
+            max_steps=4,
+            eval_every=0,
+            ckpt_every=0,
+        )
+    )
+    train(
+        tiny_train_overrides(
+            tiny_data,
+            acc,
+            micro_batch_size=2,
+            grad_accum_steps=2,
+            max_steps=4,
+            eval_every=0,
+            ckpt_every=0,
+        )
+    )
     a, b = losses(big), losses(acc)
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
@@ -81,7 +115,10 @@ def test_fresh_run_refuses_a_used_run_dir(tiny_data, tmp_path):
     before = (run / "metrics.jsonl").read_text()
     from megalite.trainer import Trainer
 
-    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint step_00000002\); pass train.resume=auto"):
+    with pytest.raises(
+        ConfigError,
+        match=r"already holds a run \(checkpoint step_00000002\); pass train.resume=auto",
+    ):
         Trainer(compose(tiny_train_overrides(tiny_data, run, max_steps=2)))
     assert (run / "metrics.jsonl").read_text() == before
 
@@ -113,21 +150,33 @@ def test_bad_input_gets_one_clear_error_before_training(tiny_data, tmp_path):
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
-    res = run_cli([str(BIN / "megalite-data"), "prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")])
+    res = run_cli(
+        [
+            str(BIN / "megalite-data"),
+            "prepare",
+            str(tmp_path / "empty.txt"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert res.returncode == 2 and "hold no text" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.world_size(2)
 def test_ddp_under_torchrun_matches_single_process(tiny_data, tmp_path):
-    """The same entry point under `torchrun --nproc_per_node=2` (gloo) trains the same model as
-    one process over the same global batch: fp32 losses within 1e-5 relative."""
+    """The same entry point under `launch/torchrun.sh` with 2 processes (gloo) trains the same
+    model as one process over the same global batch: fp32 losses within 1e-5 relative."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     common = dict(max_steps=6, eval_every=3, ckpt_every=3)
     train(tiny_train_overrides(tiny_data, single, micro_batch_size=4, **common))
     res = run_cli(
-        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megalite.train",
-         *tiny_train_overrides(tiny_data, ddp, micro_batch_size=2, **common), "parallel=ddp"],
-        env={"OMP_NUM_THREADS": "1"}, timeout=600,
+        [
+            str(REPO / "launch" / "torchrun.sh"),
+            *tiny_train_overrides(tiny_data, ddp, micro_batch_size=2, **common),
+            "parallel=ddp",
+        ],
+        env={"NPROC": "2", "TORCHRUN": str(BIN / "torchrun")},
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "terminate called" not in res.stderr

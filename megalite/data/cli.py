@@ -1,8 +1,8 @@
 """`megalite-data`: prepare a dataset (text -> MDS shards) and print a prepared dataset's stats.
 
-    megalite-data prepare shakespeare --out data/shakespeare --seq-len 128 --vocab-size 4096
-    megalite-data prepare my_corpus/ notes.txt --out data/mine --tokenizer tokenizer.json
-    megalite-data stats data/shakespeare
+megalite-data prepare shakespeare --out data/shakespeare --seq-len 128 --vocab-size 4096
+megalite-data prepare my_corpus/ notes.txt --out data/mine --tokenizer tokenizer.json
+megalite-data stats data/shakespeare
 """
 
 from __future__ import annotations
@@ -60,8 +60,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             m = read_manifest(args.dir)
-            keys = ("documents_in", "documents_out", "documents", "tokens", "samples",
-                    "seq_len", "vocab_size", "tokenizer_sha256", "unigram_val_loss")
+            keys = (
+                "documents_in",
+                "documents_out",
+                "documents",
+                "tokens",
+                "samples",
+                "seq_len",
+                "vocab_size",
+                "tokenizer_sha256",
+                "unigram_val_loss",
+            )
             print(json.dumps({k: m.get(k) for k in keys}, indent=2))
     except DataError as e:
         print(f"megalite-data: error: {e}", file=sys.stderr)

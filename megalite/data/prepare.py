@@ -163,9 +163,7 @@ def pack(docs: list[Document], tokenizer, eos_id: int, seq_len: int) -> tuple[np
     """Token ids of all docs joined with EOS, cut into (n, seq_len + 1) samples with stride
     seq_len. Returns the samples and the total token count before the ragged tail is dropped."""
     encodings = tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)
-    stream = np.fromiter(
-        (t for enc in encodings for t in (*enc.ids, eos_id)), dtype=np.int64
-    )
+    stream = np.fromiter((t for enc in encodings for t in (*enc.ids, eos_id)), dtype=np.int64)
     n = (len(stream) - 1) // seq_len if len(stream) > seq_len else 0
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return stream[idx], len(stream)
@@ -290,7 +288,9 @@ def read_manifest(data_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"{str(path)!r} is not valid JSON ({e}); re-run megalite-data prepare") from e
+        raise DataError(
+            f"{str(path)!r} is not valid JSON ({e}); re-run megalite-data prepare"
+        ) from e
 
 
 def perplexity(loss: float) -> float:

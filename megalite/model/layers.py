@@ -9,7 +9,7 @@ Shape legend: B batch, T sequence, H query heads, K kv heads, D head dim, C mode
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -114,9 +114,7 @@ def attention_fn(backend: str) -> AttentionFn:
 
 
 class Attention(nn.Module):
-    def __init__(
-        self, dim: int, n_heads: int, n_kv_heads: int, attention: AttentionFn
-    ) -> None:
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, attention: AttentionFn) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads

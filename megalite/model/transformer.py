@@ -9,7 +9,7 @@ Shape legend: B batch, T sequence, C model dim, V vocab.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -142,7 +142,9 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, 0.0, std, generator=gen)
         self.rope.copy_(
-            rope_cos_sin(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device)
+            rope_cos_sin(
+                self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device
+            )
         )
 
 

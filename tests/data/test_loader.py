@@ -42,12 +42,20 @@ def test_val_batches_are_identical_every_time(tiny_data):
 
 def test_check_dataset_errors(tiny_data, tmp_path):
     model = ModelConfig(vocab_size=512, dim=64, n_heads=4)
-    with pytest.raises(DataError, match=r"data.dir='/nope' does not exist; prepare it first: `megalite-data prepare"):
+    with pytest.raises(
+        DataError,
+        match=r"data.dir='/nope' does not exist; prepare it first: `megalite-data prepare",
+    ):
         check_dataset(DataConfig(dir="/nope"), model)
-    with pytest.raises(DataError, match=r"data.seq_len=64 but the shards .* seq_len=32; set data.seq_len=32"):
+    with pytest.raises(
+        DataError, match=r"data.seq_len=64 but the shards .* seq_len=32; set data.seq_len=32"
+    ):
         check_dataset(DataConfig(dir=str(tiny_data), seq_len=64), model)
     with pytest.raises(DataError, match=r"has 512 tokens but model.vocab_size=256"):
-        check_dataset(DataConfig(dir=str(tiny_data), seq_len=32), ModelConfig(vocab_size=256, dim=64, n_heads=4))
+        check_dataset(
+            DataConfig(dir=str(tiny_data), seq_len=32),
+            ModelConfig(vocab_size=256, dim=64, n_heads=4),
+        )
     tampered = tmp_path / "tampered"
     shutil.copytree(tiny_data, tampered)
     tok = json.loads((tampered / "tokenizer.json").read_text())

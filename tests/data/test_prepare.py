@@ -67,7 +67,10 @@ def test_existing_output_is_never_overwritten(tiny_corpus, tmp_path):
         (lambda d: [str(d / "nope")], "does not exist"),
         (lambda d: [str((d / "empty").mkdir() or d / "empty")], "holds no .txt files"),
         (lambda d: [str(_write(d / "blank.txt", "  \n\n "))] * 1, "hold no text"),
-        (lambda d: [str(_write_bytes(d / "latin1.txt", "caf\xe9".encode("latin-1")))], "not valid UTF-8"),
+        (
+            lambda d: [str(_write_bytes(d / "latin1.txt", "caf\xe9".encode("latin-1")))],
+            "not valid UTF-8",
+        ),
         (lambda d: [str(_write(d / "a.csv", "x"))], "is not a .txt file"),
     ],
 )
@@ -91,8 +94,21 @@ def _write_bytes(path: Path, data: bytes) -> Path:
 
 def test_cli_prepare_and_stats(tiny_corpus, tmp_path):
     out = tmp_path / "cli"
-    res = run_cli([str(BIN / "megalite-data"), "prepare", str(tiny_corpus), "--out", str(out),
-                   "--seq-len", "16", "--vocab-size", "300", "--val-fraction", "0.25"])
+    res = run_cli(
+        [
+            str(BIN / "megalite-data"),
+            "prepare",
+            str(tiny_corpus),
+            "--out",
+            str(out),
+            "--seq-len",
+            "16",
+            "--vocab-size",
+            "300",
+            "--val-fraction",
+            "0.25",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     assert "unigram val loss" in res.stdout
     stats = run_cli([str(BIN / "megalite-data"), "stats", str(out)])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from megalite.kernels import reference
 
 from megalite.config import ModelConfig
-from megalite.kernels import reference
 from megalite.model.layers import BackendUnavailableError, attention_fn
 from megalite.model.transformer import Transformer, build_model, count_params
 
@@ -52,7 +52,11 @@ def test_tied_embeddings_share_one_tensor():
 
 def test_meta_build_allocates_nothing_and_init_is_deterministic():
     with torch.device("meta"):
-        big = Transformer(ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336))
+        big = Transformer(
+            ModelConfig(
+                vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336
+            )
+        )
     assert all(p.is_meta for p in big.parameters())
     a, b = build_model(ModelConfig(**SMALL), seed=3), build_model(ModelConfig(**SMALL), seed=3)
     c = build_model(ModelConfig(**SMALL), seed=4)
@@ -74,7 +78,10 @@ def test_flash_attn_missing_is_a_clear_error():
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        with pytest.raises(BackendUnavailableError, match=r"model.attention=flash_attn .*pip install megalite\[gpu\]"):
+        with pytest.raises(
+            BackendUnavailableError,
+            match=r"model.attention=flash_attn .*pip install megalite\[gpu\]",
+        ):
             Transformer(ModelConfig(**SMALL, attention="flash_attn"))
     else:
         pytest.skip("flash-attn is installed here")
@@ -110,11 +117,17 @@ def test_logits_match_transformers_llama(tied, n_kv):
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     names = {
-        "tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+        "tok_embeddings": "model.embed_tokens",
+        "norm": "model.norm",
+        "output": "lm_head",
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "attention_norm": "input_layernorm",
         "ffn_norm": "post_attention_layernorm",
     }
     hf_sd = {}
