@@ -55,6 +55,7 @@ setup(
         "megalite.model",
         "megalite.data",
         "megalite.parallel",
+        "megalite.interop",
         "megalite.kernels",
         "megalite.conf",
     ],
@@ -71,6 +72,11 @@ setup(
         "console_scripts": [
             "megalite-train=megalite.train:main",
             "megalite-data=megalite.data.cli:main",
+            "megalite-eval=megalite.evaluate:main",
+            "megalite-generate=megalite.generate:main",
+            "megalite-convert=megalite.interop.cli:main",
+            "megalite-bench=megalite.bench:main",
+            "megalite-plan=megalite.plan:main",
         ]
     },
 )

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from megalite.config import ModelConfig
 from megalite.parallel.distributed import DistInfo, barrier
@@ -207,3 +212,15 @@ def load(
         _set_rng_state(trainer_state["rng"], dist_info.device)
     trainer_state["meta"] = meta
     return trainer_state
+
+
+def load_model_weights(path: Path, model: nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
+    """Loads only the model weights of a checkpoint (any layout, or one written by
+    `megalite-convert`), for `train.init_from`: optimizer, step and data position start fresh."""
+    meta = check_compatible(path, model_cfg)
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    return meta

@@ -203,6 +203,9 @@ class TrainConfig:
     # none: start fresh (refuses a run_dir that already holds checkpoints); auto: newest complete
     # checkpoint in run_dir if any; or a path to a checkpoint dir.
     resume: str = "none"
+    # Start from the weights of this checkpoint dir (a megalite step_N dir, or one written by
+    # `megalite-convert`); optimizer, schedule and data start fresh. Ignored when resuming.
+    init_from: str | None = None
     plot: bool = True
 
     def __post_init__(self) -> None:

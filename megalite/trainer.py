@@ -75,6 +75,13 @@ class Trainer:
         self.resume_from = resolve_resume(cfg)
         if self.resume_from is not None:
             checkpoint.check_compatible(self.resume_from, cfg.model)
+        elif tcfg.init_from is not None:
+            if not Path(tcfg.init_from).is_dir():
+                raise ConfigError(
+                    f"train.init_from={tcfg.init_from!r} is not a directory; give a checkpoint "
+                    "dir (a step_N dir, or the output of megalite-convert)"
+                )
+            checkpoint.check_compatible(Path(tcfg.init_from), cfg.model)
 
         # ---- distributed + device
         self.dist = init_distributed(tcfg.device, cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -112,6 +119,8 @@ class Trainer:
             )
             self.step, self.tokens = state["step"], state["tokens"]
             self.stream.load_state_dict(state["data"])
+        elif tcfg.init_from is not None:
+            checkpoint.load_model_weights(Path(tcfg.init_from), self.model, cfg.model)
 
         # ---- metrics
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)

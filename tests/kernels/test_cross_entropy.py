@@ -28,16 +28,16 @@ def test_matches_reference(n_rows: int, vocab: int, reduction: str, dtype: torch
     target = _targets(n_rows, vocab, -100)
     grad = torch.randn(n_rows) if reduction == "none" else torch.tensor(1.7)
 
-    xk = logits.clone().requires_grad_()
+    xk = logits.detach().clone().requires_grad_()
     lk = cross_entropy(xk, target, reduction=reduction)
     lk.backward(grad)
     assert lk.dtype == torch.float32 and xk.grad.dtype == dtype
 
-    x32 = logits.float().requires_grad_()
+    x32 = logits.detach().float().clone().requires_grad_()
     l32 = reference.cross_entropy(x32, target, reduction=reduction)
     l32.backward(grad)
 
-    xp = logits.clone().requires_grad_()
+    xp = logits.detach().clone().requires_grad_()
     lp = F.cross_entropy(xp, target, reduction=reduction)  # PyTorch in the logits' dtype
     lp.backward(grad.to(dtype))
 
@@ -54,8 +54,8 @@ def test_custom_ignore_index() -> None:
     logits = torch.randn(21, 130)
     target = torch.randint(0, 130, (21,))
     target[:7] = 5
-    xk = logits.clone().requires_grad_()
-    x32 = logits.clone().requires_grad_()
+    xk = logits.detach().clone().requires_grad_()
+    x32 = logits.detach().clone().requires_grad_()
     loss = cross_entropy(xk, target, ignore_index=5)
     ref = reference.cross_entropy(x32, target, ignore_index=5)
     loss.backward()

@@ -32,16 +32,16 @@ def _run_and_check(batch, seqlen, n_heads, n_kv, head_dim, dtype, causal, check_
     do = torch.randn(batch, seqlen, n_heads, head_dim).to(dtype)
     eff_scale = scale if scale is not None else head_dim**-0.5
 
-    qk, kk, vk = (t.clone().requires_grad_() for t in (q, k, v))
+    qk, kk, vk = (t.detach().clone().requires_grad_() for t in (q, k, v))
     ok = flash_attention(qk, kk, vk, causal=causal, softmax_scale=scale)
     ok.backward(do)
     assert ok.dtype == dtype and ok.shape == q.shape
 
-    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    q32, k32, v32 = (t.detach().float().clone().requires_grad_() for t in (q, k, v))
     o32 = reference.attention(q32, k32, v32, causal=causal, softmax_scale=scale)
     o32.backward(do.float())
 
-    qp, kp, vp = (t.clone().requires_grad_() for t in (q, k, v))
+    qp, kp, vp = (t.detach().clone().requires_grad_() for t in (q, k, v))
     op = _pytorch_low_precision(qp, kp, vp, causal, eff_scale)
     op.backward(do)
 

@@ -36,16 +36,16 @@ def test_matches_reference(reduction: str, dtype: torch.dtype, check_close) -> N
     h, w, target = _inputs(dtype)
     grad = torch.randn(N_ROWS) if reduction == "none" else torch.tensor(0.6)
 
-    hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+    hk, wk = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     lk = fused_linear_cross_entropy(hk, wk, target, reduction=reduction)
     lk.backward(grad)
     assert lk.dtype == torch.float32 and hk.grad.dtype == dtype and wk.grad.dtype == dtype
 
-    h32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
+    h32, w32 = h.detach().float().clone().requires_grad_(), w.detach().float().clone().requires_grad_()
     l32 = reference.fused_linear_cross_entropy(h32, w32, target, reduction=reduction)
     l32.backward(grad)
 
-    hp, wp = h.clone().requires_grad_(), w.clone().requires_grad_()
+    hp, wp = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     lp = F.cross_entropy(hp @ wp.t(), target, reduction=reduction)  # PyTorch in the input dtype
     lp.backward(grad.to(dtype))
 
@@ -60,9 +60,9 @@ def test_no_grad_forward_and_weight_only_grad(check_close) -> None:
     ref = reference.fused_linear_cross_entropy(h, w, target)
     with torch.no_grad():
         torch.testing.assert_close(fused_linear_cross_entropy(h, w, target), ref)
-    wk = w.clone().requires_grad_()
+    wk = w.detach().clone().requires_grad_()
     fused_linear_cross_entropy(h, wk, target).backward()
-    w32 = w.clone().requires_grad_()
+    w32 = w.detach().clone().requires_grad_()
     reference.fused_linear_cross_entropy(h, w32, target).backward()
     torch.testing.assert_close(wk.grad, w32.grad)
 
@@ -78,7 +78,7 @@ def test_gradients_come_from_forward_for_mean_and_are_recomputed_for_none(monkey
 
     monkeypatch.setattr(flce_module, "_chunked_pass", spy)
     h, w, target = _inputs(torch.float32)
-    hk = h.clone().requires_grad_()
+    hk = h.detach().clone().requires_grad_()
     fused_linear_cross_entropy(hk, w, target, reduction="mean").backward()
     assert calls == [True]
     calls.clear()
