@@ -11,6 +11,7 @@ Every error names the full key, the value received and a fix.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,42 +104,190 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------ parallel
+STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "tp", "fsdp_tp", "zero1", "zero2", "zero3")
+DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")
+
+
 @dataclass
 class ParallelConfig:
-    """How the model is spread over ranks. The parallelism issue adds fsdp, tp and DeepSpeed."""
+    """How the model is spread over ranks; presets in conf/parallel/.
 
-    strategy: str = "ddp"  # single | ddp
+    Degrees multiply to the world size; one of them may be -1, meaning "the rest of the world
+    size". The mesh is (dp_replicate, dp_shard, tp), tp innermost, so a tensor-parallel group
+    is consecutive ranks (one node).
+    """
+
+    strategy: str = "ddp"
+    dp_replicate: int = -1
+    dp_shard: int = 1
+    tp: int = 1
+    # FSDP2: free the unsharded parameters after forward (re-gathered for backward).
+    reshard_after_forward: bool = True
+    activation_checkpointing: str = "none"  # none | full | selective
     # Process-group backend: auto picks nccl on CUDA and gloo on CPU.
     backend: str = "auto"
     timeout_s: int = 600
 
     def __post_init__(self) -> None:
-        _choice("parallel.strategy", self.strategy, ("single", "ddp"))
+        _choice("parallel.strategy", self.strategy, STRATEGIES)
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        _choice(
+            "parallel.activation_checkpointing",
+            self.activation_checkpointing,
+            ("none", "full", "selective"),
+        )
         _positive("parallel.timeout_s", self.timeout_s)
+        degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        for key, value in degrees.items():
+            if value == 0 or value < -1:
+                raise ConfigError(f"parallel.{key}={value} must be >= 1, or -1 for the rest")
+        if sum(v == -1 for v in degrees.values()) > 1:
+            raise ConfigError(
+                f"parallel: only one degree may be -1, got dp_replicate={self.dp_replicate} "
+                f"dp_shard={self.dp_shard} tp={self.tp}; set the others explicitly"
+            )
+        # What each strategy allows: the degree that must stay 1, and why.
+        must_be_one = {
+            "single": ("dp_replicate", "dp_shard", "tp"),
+            "ddp": ("dp_shard", "tp"),
+            "fsdp": ("dp_replicate", "tp"),
+            "hsdp": ("tp",),
+            "tp": ("dp_replicate", "dp_shard"),
+            "fsdp_tp": (),
+            "zero1": ("dp_shard", "tp"),
+            "zero2": ("dp_shard", "tp"),
+            "zero3": ("dp_shard", "tp"),
+        }[self.strategy]
+        for key in must_be_one:
+            value = degrees[key]
+            if value != 1 and not (self.strategy == "single" and value == -1):
+                hint = (
+                    "DeepSpeed ZeRO does not combine with tensor parallelism; use fsdp_tp"
+                    if key == "tp" and self.strategy in DEEPSPEED_STRATEGIES
+                    else f"set parallel.{key}=1 or pick a strategy that uses it"
+                )
+                raise ConfigError(
+                    f"parallel.strategy={self.strategy} with parallel.{key}={value}: {hint}"
+                )
 
 
 # ---------------------------------------------------------------------------------------- data
+# Remote schemes mosaicml-streaming downloads from (a remote without a scheme is a local path).
+REMOTE_SCHEMES = ("s3", "gs", "oci", "azure", "azure-dl", "hf", "dbfs", "sftp")
+SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgtp]i?b|b)?\s*$", re.IGNORECASE)
+
+
+@dataclass
+class StreamConfig:
+    """One source of a data mixture: a dataset made by `megalite-data prepare` (its root, with
+    manifest.json, tokenizer.json, train/ and val/)."""
+
+    # s3://bucket/path, gs://bucket/path, or a local path (e.g. a network filesystem) copied
+    # into `local` as it is read. None: `local` is the dataset itself, read in place.
+    remote: str | None = None
+    # The dataset (no remote) or the cache a remote is streamed into; None with a remote:
+    # <data.cache_dir>/<name>.
+    local: str | None = None
+    # Relative weight in the mixture (normalized over the streams). Give every stream one, or
+    # none: then each sample of every stream is seen once per epoch.
+    proportion: float | None = None
+    # For logs and the default cache dir; None: the last component of the remote / local path.
+    name: str | None = None
+
+    def check(self, key: str) -> None:
+        if not self.remote and not self.local:
+            raise ConfigError(
+                f"{key} has neither remote nor local; give remote (s3://..., gs://... or a "
+                "path) and/or local (a prepared dataset dir or a cache dir)"
+            )
+        if self.remote and "://" in self.remote:
+            scheme = self.remote.split("://", 1)[0]
+            if scheme not in REMOTE_SCHEMES:
+                raise ConfigError(
+                    f"{key}.remote={self.remote!r} has scheme {scheme!r}, not one of "
+                    f"{', '.join(REMOTE_SCHEMES)}; use one of them or a local path"
+                )
+        if self.proportion is not None and not self.proportion > 0:
+            raise ConfigError(f"{key}.proportion={self.proportion} must be > 0")
+
+
 @dataclass
 class DataConfig:
-    """A dataset prepared by `megalite-data prepare`: <dir>/{train,val}/ MDS shards + tokenizer."""
+    """Training data: one dataset made by `megalite-data prepare` (`dir`, read in place) or a
+    mixture of `streams`, local or in object storage. Presets: conf/data/*.yaml."""
 
     name: str = "shakespeare"
-    dir: str = "data/shakespeare"
+    # A prepared dataset read in place; set it to null to use `streams` instead.
+    dir: str | None = "data/shakespeare"
+    streams: list[StreamConfig] = field(default_factory=list)
     # Samples are packed to seq_len + 1 tokens (inputs and shifted targets); must match the shards.
     seq_len: int = 128
     shuffle: bool = True
+    # mosaicml-streaming shuffle algorithm and block size (None: its default for the node count).
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: int | None = None
+    # Fixes the global sample order for any node count; None: the node count of the first run
+    # (kept in checkpoints, so resuming on another node count keeps the order).
+    num_canonical_nodes: int | None = None
+    # Samples per epoch of a mixture; None: the total samples of all streams.
+    epoch_size: int | None = None
     num_workers: int = 0
+    # Where remote streams without `local` are cached, and the byte limit of each split's cache
+    # ("20gb"; None: unlimited). Evicted shards are downloaded again when needed.
+    cache_dir: str = "data/cache"
+    cache_limit: str | None = None
+    download_timeout: float = 60.0
+    # Samples to download ahead per rank; None: mosaicml-streaming's default (8 x micro-batch).
+    predownload: int | None = None
+    # Start-up check of shards read in place (remote shards are always checked as they are
+    # downloaded): hash (sha1 of every shard), size, or none.
+    verify_shards: str = "hash"
+    # Refuse data tokenized with any other tokenizer (the tokenizer_sha256 of its manifest).
+    tokenizer_sha256: str | None = None
     # How `make demo` / `megalite-data prepare` builds this dataset when it is missing.
     prepare_hint: str = "megalite-data prepare shakespeare --out data/shakespeare"
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
-        if not self.dir:
+        _positive("data.download_timeout", self.download_timeout)
+        for key in ("shuffle_block_size", "num_canonical_nodes", "epoch_size", "predownload"):
+            if getattr(self, key) is not None:
+                _positive(f"data.{key}", getattr(self, key))
+        _choice("data.shuffle_algo", self.shuffle_algo, SHUFFLE_ALGOS)
+        _choice("data.verify_shards", self.verify_shards, ("hash", "size", "none"))
+        if self.cache_limit is not None and not _SIZE.match(str(self.cache_limit)):
             raise ConfigError(
-                "data.dir is empty; point it at a dir made by `megalite-data prepare`"
+                f"data.cache_limit={self.cache_limit!r} is not a size; write e.g. 20gb or 500mb"
             )
+        if self.streams and self.dir:
+            raise ConfigError(
+                f"data.dir={self.dir!r} and data.streams are both set; set data.dir=null to "
+                "train on the streams, or remove data.streams"
+            )
+        if not self.streams and not self.dir:
+            raise ConfigError(
+                "data.dir is empty; point it at a dir made by `megalite-data prepare`, or "
+                "give data.streams"
+            )
+        for i, stream in enumerate(self.streams):
+            stream.check(f"data.streams[{i}]")
+        with_proportion = [s.proportion is not None for s in self.streams]
+        if any(with_proportion) and not all(with_proportion):
+            i = with_proportion.index(False)
+            raise ConfigError(
+                f"data.streams[{i}].proportion is not set but other streams have one; give "
+                "every stream a proportion, or none"
+            )
+        remotes = [s.remote for s in self.streams if s.remote]
+        locals_ = [s.local for s in self.streams if s.local]
+        for what, values in (("remote", remotes), ("local", locals_)):
+            dup = next((v for v in values if values.count(v) > 1), None)
+            if dup is not None:
+                raise ConfigError(
+                    f"two data.streams have {what}={dup!r}; each stream needs its own {what}"
+                )
 
 
 # --------------------------------------------------------------------------------------- optim
@@ -270,18 +419,62 @@ class Config:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
             )
+        tp = self.parallel.tp
+        if tp > 1:
+            for key, value in (
+                ("model.n_heads", self.model.n_heads),
+                ("model.n_kv_heads", self.model.kv_heads),
+                ("model.ffn_dim", self.model.hidden_dim),
+                ("model.vocab_size", self.model.vocab_size),
+            ):
+                if value % tp:
+                    raise ConfigError(
+                        f"parallel.tp={tp} does not divide {key}={value}; pick a tp that "
+                        f"divides {value}"
+                    )
+            if self.train.loss == "fused_linear":
+                raise ConfigError(
+                    "train.loss=fused_linear does not support a vocab-sharded output layer "
+                    f"(parallel.tp={tp}); use train.loss=torch (loss parallel) with tensor "
+                    "parallelism"
+                )
         if not self.train.resume:
             raise ConfigError("train.resume is empty; use none, auto or a checkpoint dir")
 
 
-def check_world_size(cfg: Config, world_size: int) -> int:
-    """Checks the batch arithmetic against the world size; returns the global batch size."""
-    if cfg.parallel.strategy == "single" and world_size != 1:
+def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, tp) with -1 filled in; their product must be the world size."""
+    degrees = [cfg.dp_replicate, cfg.dp_shard, cfg.tp]
+    if cfg.strategy == "single":
+        degrees = [1, 1, 1]
+    known = math.prod(d for d in degrees if d != -1)
+    if -1 in degrees:
+        if world_size % known:
+            raise ConfigError(
+                f"parallel degrees dp_replicate={cfg.dp_replicate} dp_shard={cfg.dp_shard} "
+                f"tp={cfg.tp}: the fixed ones multiply to {known}, which does not divide the "
+                f"world size {world_size}; pick degrees dividing {world_size}"
+            )
+        degrees[degrees.index(-1)] = world_size // known
+    if math.prod(degrees) != world_size:
+        if cfg.strategy == "single":
+            raise ConfigError(
+                f"parallel.strategy=single but the world size is {world_size}; "
+                "use parallel=ddp (or another multi-rank layout) under torchrun"
+            )
         raise ConfigError(
-            f"parallel.strategy=single but the world size is {world_size}; "
-            "use parallel=ddp (or another multi-rank layout) under torchrun"
+            f"parallel degrees dp_replicate={degrees[0]} x dp_shard={degrees[1]} x tp="
+            f"{degrees[2]} = {math.prod(degrees)} but the world size is {world_size}; make "
+            "their product equal the number of processes (or set one of them to -1)"
         )
-    dp = world_size
+    return degrees[0], degrees[1], degrees[2]
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """Checks the degrees and the batch arithmetic against the world size; returns the global
+    batch size in sequences."""
+    dp_replicate, dp_shard, tp = resolve_degrees(cfg.parallel, world_size)
+    dp = dp_replicate * dp_shard
     derived = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
     if cfg.train.global_batch_size is not None and cfg.train.global_batch_size != derived:
         raise ConfigError(
@@ -290,6 +483,14 @@ def check_world_size(cfg: Config, world_size: int) -> int:
             f"{cfg.train.grad_accum_steps} x data-parallel size {dp} = {derived}; set "
             f"train.global_batch_size={derived} or change the micro-batch / accumulation"
         )
+    if cfg.parallel.strategy in DEEPSPEED_STRATEGIES:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"parallel.strategy={cfg.parallel.strategy} needs DeepSpeed, which is not "
+                "installed; `pip install megalite[deepspeed]`, or use parallel=fsdp"
+            )
     return derived
 
 

@@ -32,6 +32,16 @@ def to_config(raw: DictConfig) -> Config:
         raise ConfigError(str(e).splitlines()[0]) from e
 
 
+def compose_config(overrides: list[str]) -> Config:
+    """The typed Config that `megalite-train <overrides>` would build (for notebooks, tests and
+    drivers that run several configs in one process)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        raw = compose("config", overrides=overrides)
+    return to_config(raw)
+
+
 def fail(msg: str) -> None:
     rank = os.environ.get("RANK", "0")
     prefix = "megalite-train: error: " if rank == "0" else f"megalite-train[rank {rank}]: error: "

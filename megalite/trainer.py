@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from megalite import checkpoint
 from megalite.config import Config, ConfigError, check_world_size
@@ -33,10 +35,12 @@ from megalite.model.transformer import Transformer, count_params
 from megalite.optim import build_optimizer, lr_at
 from megalite.parallel.distributed import (
     all_reduce_mean,
+    barrier,
     init_distributed,
     shutdown,
     world_size_from_env,
 )
+from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import parallelize, unwrap
 
 
@@ -64,6 +68,11 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a possibly distributed one (a DTensor loss or grad norm)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -83,33 +92,42 @@ class Trainer:
                 )
             checkpoint.check_compatible(Path(tcfg.init_from), cfg.model)
 
+        self.dims = ParallelDims.from_config(cfg.parallel, world)
+
         # ---- distributed + device
         self.dist = init_distributed(tcfg.device, cfg.parallel.backend, cfg.parallel.timeout_s)
         self.device = self.dist.device
+        self.mesh = self.dims.build_mesh(self.device.type)
         torch.manual_seed(tcfg.seed + self.dist.rank)
         self.run_dir = Path(tcfg.run_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
 
-        # ---- model: built on meta, materialized, initialized identically on every rank
+        # ---- model: built on meta, parallelized from outside, then materialized
         with torch.device("meta"):
             model = Transformer(cfg.model, loss=tcfg.loss)
-        model.to_empty(device=self.device)
-        model.tie_weights()
-        model.init_weights(seed=tcfg.seed)
         self.n_params = count_params(model)
-        self.model = parallelize(model, cfg, self.dist)
+        self.model = parallelize(model, cfg, self.dims, self.mesh, self.device)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
+        # FSDP2 casts parameters to bf16 itself (MixedPrecisionPolicy); DDP, TP and a single
+        # device use autocast. Either way the master weights and optimizer state stay fp32.
+        use_autocast = tcfg.precision == "bf16" and not self.dims.uses_fsdp
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if tcfg.precision == "bf16"
+            if use_autocast
             else nullcontext()
         )
+        # Under tensor parallelism the logits are vocab-sharded: the loss and its backward run
+        # inside loss_parallel.
+        self.loss_context = loss_parallel if self.dims.tp > 1 else nullcontext
 
-        # ---- data
-        self.stream = TrainStream(cfg.data, tcfg.micro_batch_size, seed=tcfg.seed)
-        self.val = ValSet(cfg.data, self.dist.rank, self.dist.world_size)
+        # ---- data: the ranks of one tensor-parallel group read the same samples
+        dp_rank = self.dims.dp_rank(self.dist.rank)
+        self.stream = TrainStream(
+            cfg.data, tcfg.micro_batch_size, seed=tcfg.seed, replication=self.dims.tp
+        )
+        self.val = ValSet(cfg.data, dp_rank, self.dims.dp)
 
         # ---- state, resumed if asked
         self.step, self.tokens = 0, 0
@@ -138,7 +156,7 @@ class Trainer:
         )
         self.logger.info(
             f"megalite: {cfg.name} | model {cfg.model.name} {self.n_params / 1e6:.2f}M params | "
-            f"{cfg.parallel.strategy} x{self.dist.world_size} on {self.device} | "
+            f"{cfg.parallel.strategy} {self._layout()} on {self.device} | "
             f"{tcfg.precision} | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | MFU {self.peak.label}"
         )
@@ -146,6 +164,10 @@ class Trainer:
             self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
 
     # ------------------------------------------------------------------------------ helpers
+    def _layout(self) -> str:
+        d = self.dims
+        return f"(dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp})"
+
     def _config_dict(self) -> dict:
         return redact(OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True))
 
@@ -187,19 +209,20 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for x, y, sync in self._micro_batches():
-            with sync:
+            with sync, self.loss_context():
                 with self.autocast:
                     loss = self.model(x, y)
                 (loss / tcfg.grad_accum_steps).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += full(loss.detach()).float()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.global_batch * self.cfg.data.seq_len
+        # Every rank of a tensor-parallel group holds the same loss: average over all ranks.
         loss = all_reduce_mean(loss_sum / tcfg.grad_accum_steps)
-        return loss.item(), grad_norm.item()
+        return loss.item(), full(grad_norm).item()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -208,8 +231,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         n = 0
         for x, y in self.val.batches(self.cfg.train.micro_batch_size, self.cfg.train.eval_batches):
-            with self.autocast:
-                total += self.model(x.to(self.device), y.to(self.device)).float()
+            with self.loss_context(), self.autocast:
+                total += full(self.model(x.to(self.device), y.to(self.device))).float()
             n += 1
         if n == 0:
             return float("nan")
@@ -317,4 +340,8 @@ class Trainer:
         # Dropping the DDP wrapper before destroying the group avoids an abort at exit.
         del self.model, self.optimizer
         gc.collect()
-        shutdown()
+        # Every rank has now released its streaming shared memory; a dataset opened next in
+        # this process (a sweep, a test driver) must not see another rank's stale segments.
+        barrier()
+        if self.dist.owns_group:
+            shutdown()

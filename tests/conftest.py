@@ -83,15 +83,9 @@ def data_overrides(data_dir: Path, seq_len: int = 32) -> list[str]:
 
 def compose(overrides: list[str]):
     """The typed Config that `megalite-train <overrides>` would build."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from megalite.train import compose_config
 
-    from megalite.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        raw = hydra_compose("config", overrides=overrides)
-    return OmegaConf.to_object(raw)
+    return compose_config(overrides)
 
 
 def tiny_train_overrides(data_dir: Path, run_dir: Path, **train) -> list[str]:

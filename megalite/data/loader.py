@@ -1,92 +1,292 @@
-"""Training-side data: stream MDS shards per rank with exactly resumable state, read the
-held-out split for evaluation, and check the dataset against the model before any work starts.
+"""Training-side data: check the dataset against the model, stream training batches per rank with
+exactly resumable state, and read the held-out split for evaluation.
 
-The training stream is a mosaicml-streaming `StreamingDataset` + `StreamingDataLoader`: it shards
-samples across ranks (from RANK / WORLD_SIZE set by torchrun), shuffles deterministically from
-the seed, and its `state_dict()` records the position in the epoch, so a resumed run continues
-with the very next batch. Evaluation reads the validation shards by index (no shuffling, no
-stream state), so every evaluation sees the same tokens.
+The training stream is a mosaicml-streaming `StreamingDataset` over the streams of `data.dir` /
+`data.streams` (`streams.py`), mixed by `proportion`, shuffled from the seed and partitioned over
+ranks, with a `StreamingDataLoader` on top. Its global sample order depends only on the data, the
+seed and `num_canonical_nodes` (recorded in the state), not on the number of ranks: each micro-step
+consumes the next micro_batch_size x ranks samples of that order, rank r taking every ranks-th one.
+The state in a checkpoint is the position in that order (samples consumed this epoch), so
+
+- a resume continues with the very next batch: the sample sequence equals an uninterrupted run's;
+- a resume on another world size continues the epoch from the same position, every remaining
+  sample once; with the same global batch size each optimizer step gets the same samples as in
+  the uninterrupted run (tested with real multi-rank loading in tests/data/test_world_size.py).
+
+Evaluation reads the validation shards by index (no shuffling, no stream state), so every
+evaluation sees the same tokens.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from megalite.config import DataConfig, ModelConfig
-from megalite.data.prepare import TOKENIZER, DataError, file_sha256, read_manifest
+from megalite.data import shm
+from megalite.data.common import INDEX, MANIFEST, TOKENIZER, DataError, file_sha256, read_manifest
+from megalite.data.streams import (
+    Source,
+    check_index,
+    fetch_manifest,
+    resolve,
+    verify_shards,
+)
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# -------------------------------------------------------------------------------- preflight
 def check_dataset(cfg: DataConfig, model: ModelConfig) -> dict:
-    """Checks that `data.dir` is a prepared dataset matching the model; returns its manifest."""
-    root = Path(cfg.dir)
-    if not root.is_dir():
-        raise DataError(
-            f"data.dir={cfg.dir!r} does not exist; prepare it first: `{cfg.prepare_hint}`"
-        )
-    manifest = read_manifest(root)
-    for split in ("train", "val"):
-        if not (root / split / "index.json").is_file():
+    """Checks every stream of `cfg` before any work starts: a prepared dataset is there (remote
+    manifests and indexes are fetched into the local cache), shards read in place are intact,
+    seq_len matches, one tokenizer for all streams (and `data.tokenizer_sha256` if pinned), and
+    the vocabulary fits the model. Returns the manifest (of the only stream, or the first one
+    with a `streams` summary for a mixture)."""
+    manifests = []
+    for source in resolve(cfg):
+        m = fetch_manifest(source, cfg.download_timeout, cfg.prepare_hint)
+        _check_stream(cfg, model, source, m)
+        manifests.append((source, m))
+    first_source, first = manifests[0]
+    for source, m in manifests[1:]:
+        if m["tokenizer_sha256"] != first["tokenizer_sha256"]:
             raise DataError(
-                f"data.dir={cfg.dir!r} has no {split}/index.json; re-run `{cfg.prepare_hint}`"
+                f"{source.key} was tokenized with another tokenizer than {first_source.key} "
+                f"(tokenizer_sha256 {m['tokenizer_sha256'][:12]}... vs "
+                f"{first['tokenizer_sha256'][:12]}...); prepare it again with --tokenizer "
+                f"<{first_source.name}>/tokenizer.json"
             )
+    if cfg.tokenizer_sha256 and first["tokenizer_sha256"] != cfg.tokenizer_sha256:
+        raise DataError(
+            f"{first_source.key} was tokenized with tokenizer_sha256="
+            f"{first['tokenizer_sha256']} but data.tokenizer_sha256={cfg.tokenizer_sha256}; "
+            "prepare the data with the model's tokenizer (--tokenizer), or update the pin"
+        )
+    if len(manifests) == 1:
+        return first
+    summary = dict(first)
+    # A unigram baseline of the mixed validation set is not any one stream's.
+    summary["unigram_val_loss"] = None
+    summary["streams"] = [
+        {"name": s.name, "proportion": s.proportion, "samples": m["samples"]} for s, m in manifests
+    ]
+    return summary
+
+
+def _check_stream(cfg: DataConfig, model: ModelConfig, source: Source, m: dict) -> None:
+    hint = cfg.prepare_hint
+    root = Path(source.local)
     tok_path = root / TOKENIZER
     if not tok_path.is_file():
-        raise DataError(f"{str(tok_path)!r} is missing; re-run `{cfg.prepare_hint}`")
-    if file_sha256(tok_path) != manifest.get("tokenizer_sha256"):
+        raise DataError(f"{str(tok_path)!r} is missing; re-run `{hint}`")
+    if file_sha256(tok_path) != m.get("tokenizer_sha256"):
         raise DataError(
             f"{str(tok_path)!r} does not match the tokenizer_sha256 recorded in manifest.json: "
             "the shards were tokenized with another tokenizer; re-run megalite-data prepare"
         )
-    if manifest["seq_len"] != cfg.seq_len:
+    if m["seq_len"] != cfg.seq_len:
         raise DataError(
-            f"data.seq_len={cfg.seq_len} but the shards in {cfg.dir!r} were packed at seq_len="
-            f"{manifest['seq_len']}; set data.seq_len={manifest['seq_len']} or re-prepare"
+            f"data.seq_len={cfg.seq_len} but the shards of {source.key} were packed at seq_len="
+            f"{m['seq_len']}; set data.seq_len={m['seq_len']} or re-prepare"
         )
-    if manifest["vocab_size"] > model.vocab_size:
+    if m["vocab_size"] > model.vocab_size:
         raise DataError(
-            f"the tokenizer of {cfg.dir!r} has {manifest['vocab_size']} tokens but "
-            f"model.vocab_size={model.vocab_size}; set model.vocab_size>={manifest['vocab_size']}"
+            f"the tokenizer of {source.key} has {m['vocab_size']} tokens but "
+            f"model.vocab_size={model.vocab_size}; set model.vocab_size>={m['vocab_size']}"
         )
-    return manifest
+    splits = ["train"] + (["val"] if m["samples"].get("val") else [])
+    for split in splits:
+        check_index(source, split, m, cfg.download_timeout, hint)
+        if source.remote is None and cfg.verify_shards != "none" and _local_rank() == 0:
+            verify_shards(root / split, cfg.verify_shards == "hash", source.key)
 
 
-def collate_tokens(samples: list[dict]) -> torch.Tensor:
-    """Stacks samples' token arrays into one int64 (B, seq_len + 1) tensor (a copy: the shard
-    arrays are read-only views)."""
-    return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+# ------------------------------------------------------------------------------- datasets
+def _dataset_class():
+    """StreamingDataset that turns a failed shard download or hash check into a DataError
+    naming the shard and the stream (streaming itself only logs it from a background thread
+    and ends the epoch early), and records its shared-memory owner (`shm.py`)."""
+    from streaming import StreamingDataset
+
+    class MegaliteDataset(StreamingDataset):
+        def __init__(self, *, sources: list[Source], **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.sources = sources
+            self._failure: str | None = None
+            if _local_rank() == 0:
+                shm.record_owner(self._shm_prefix_int)
+
+        def _explain(self, shard_id: int, error: BaseException) -> str:
+            stream_id = int(self.stream_per_shard[shard_id])
+            source, stream = self.sources[stream_id], self.streams[stream_id]
+            basenames = [info.basename for info, _ in self.shards[shard_id].file_pairs]
+            where = source.remote_path(stream.split) if source.remote else source.local
+            return (
+                f"{source.key}: shard {stream.split}/{basenames[0]} from {where} could not be "
+                f"used ({type(error).__name__}: {error}); a sha1 mismatch means the file is "
+                "corrupted: upload it again from the prepared dataset (or re-run megalite-data "
+                "prepare); a missing file means the upload is incomplete"
+            )
+
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            try:
+                super().prepare_shard(shard_id, blocking)
+            except Exception as e:
+                self._failure = self._explain(shard_id, e)
+                raise
+
+        def get_item(self, sample_id: int, retry: int = 7):
+            try:
+                return super().get_item(sample_id, retry)
+            except DataError:
+                raise
+            except Exception as e:
+                if self._failure is not None:
+                    raise DataError(self._failure) from e
+                raise
+
+        def __iter__(self):
+            yield from super().__iter__()
+            if hasattr(self, "_event") and self._event.is_set():
+                raise DataError(self._failure or "a background download thread failed")
+
+    return MegaliteDataset
+
+
+def _has_split(cfg: DataConfig, source: Source, split: str) -> bool:
+    if source.remote is None:
+        return (Path(source.local) / split / INDEX).is_file()
+    local_manifest = Path(source.local) / MANIFEST
+    if local_manifest.is_file():
+        m = read_manifest(source.local)
+    else:
+        m = fetch_manifest(source, cfg.download_timeout, cfg.prepare_hint)
+    return bool(m["samples"].get(split))
+
+
+def _open(cfg: DataConfig, split: str, **kwargs):
+    """A dataset over `split` of every stream that has it; None when none has it."""
+    from streaming import Stream
+
+    sources = resolve(cfg)
+    if split != "train":
+        sources = [s for s in sources if _has_split(cfg, s, split)]
+        if not sources:
+            return None
+    if _local_rank() == 0:
+        shm.clean_stale()
+    streams = [
+        Stream(
+            remote=s.remote,
+            local=s.local,
+            split=split,
+            proportion=s.proportion,
+        )
+        for s in sources
+    ]
+    return _dataset_class()(
+        sources=sources,
+        streams=streams,
+        validate_hash="sha1",
+        download_timeout=cfg.download_timeout,
+        cache_limit=cfg.cache_limit,
+        **kwargs,
+    )
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, seq_len) int64
+    targets: torch.Tensor  # (B, seq_len) int64, inputs shifted by one
+    # (B, seq_len) int32: index of the document each input position belongs to, counted from
+    # 0 in each sample (for document-masked attention); None without a doc_starts column.
+    doc_ids: torch.Tensor | None = None
+
+
+def doc_ids_from_starts(starts: list[np.ndarray], seq_len: int) -> torch.Tensor:
+    """Document index per input position from each sample's document start offsets."""
+    marks = np.zeros((len(starts), seq_len), np.int32)
+    for row, s in zip(marks, starts):
+        s = s[(s > 0) & (s < seq_len)]
+        row[s] = 1
+    return torch.from_numpy(np.cumsum(marks, axis=1, dtype=np.int32))
+
+
+def collate(samples: list[dict]) -> tuple[torch.Tensor, list[np.ndarray] | None]:
+    """int64 (B, seq_len + 1) tokens (a copy: the shard arrays are read-only views) and the
+    document starts when the shards have them."""
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    starts = [s["doc_starts"] for s in samples] if "doc_starts" in samples[0] else None
+    return tokens, starts
+
+
+def _fingerprint(dataset) -> dict:
+    """What the loader state is a position in: each stream's train index and the mixture."""
+    return {
+        "index_sha256": [file_sha256(Path(s.local) / "train" / INDEX) for s in dataset.sources],
+        "proportions": [s.proportion for s in dataset.sources],
+        "epoch_size": int(dataset.epoch_size),
+    }
 
 
 class TrainStream:
-    """Endless iterator of (inputs, targets) micro-batches for this rank, resumable exactly."""
+    """Endless iterator of (inputs, targets) micro-batches for this rank, resumable exactly.
 
-    def __init__(self, cfg: DataConfig, micro_batch_size: int, seed: int) -> None:
-        from streaming import StreamingDataLoader, StreamingDataset
+    `replication` > 1 gives each group of that many consecutive ranks the same batches (tensor
+    parallelism); the world size must be a multiple of it."""
 
-        self.dataset = StreamingDataset(
-            local=str(Path(cfg.dir) / "train"),
+    def __init__(
+        self, cfg: DataConfig, micro_batch_size: int, seed: int, replication: int = 1
+    ) -> None:
+        from streaming import StreamingDataLoader
+
+        self.seq_len = cfg.seq_len
+        self.dataset = _open(
+            cfg,
+            "train",
             shuffle=cfg.shuffle,
             shuffle_seed=seed,
+            shuffle_algo=cfg.shuffle_algo,
+            shuffle_block_size=cfg.shuffle_block_size,
+            num_canonical_nodes=cfg.num_canonical_nodes,
+            epoch_size=cfg.epoch_size,
+            predownload=cfg.predownload,
             batch_size=micro_batch_size,
-            validate_hash="sha1",
+            replication=replication if replication > 1 else None,
         )
         self.loader = StreamingDataLoader(
             self.dataset,
             batch_size=micro_batch_size,
             num_workers=cfg.num_workers,
             drop_last=True,
-            collate_fn=collate_tokens,
+            collate_fn=collate,
         )
+        self.fingerprint = _fingerprint(self.dataset)
         self.epoch = 0
         self._it: Iterator | None = None
 
     def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict(), "epoch": self.epoch}
+        """Plain ints / strings / lists only (checkpoints load it with weights_only=True)."""
+        return {"loader": self.loader.state_dict(), "epoch": self.epoch, "data": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("data")
+        if saved is not None and saved != self.fingerprint:
+            diff = [k for k in self.fingerprint if saved.get(k) != self.fingerprint[k]]
+            raise DataError(
+                f"the checkpoint's data position is for other training data (differs in: "
+                f"{', '.join(diff)}; checkpoint {[saved.get(k) for k in diff]}, now "
+                f"{[self.fingerprint[k] for k in diff]}); resume with the same data.dir / "
+                "data.streams and their shards, or start a fresh run"
+            )
         self.loader.load_state_dict(state["loader"])
         self.epoch = state["epoch"]
         self._it = None
@@ -94,16 +294,22 @@ class TrainStream:
     def __iter__(self) -> TrainStream:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> Batch:
         while True:
             if self._it is None:
                 self._it = iter(self.loader)
             try:
-                tokens = next(self._it)
-                return tokens[:, :-1], tokens[:, 1:]
+                tokens, starts = next(self._it)
             except StopIteration:
                 self._it = None
                 self.epoch += 1
+                continue
+            doc_ids = doc_ids_from_starts(starts, self.seq_len) if starts is not None else None
+            return Batch(tokens[:, :-1], tokens[:, 1:], doc_ids)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next_batch()
+        return batch.inputs, batch.targets
 
     def close(self) -> None:
         self._it = None
@@ -111,18 +317,15 @@ class TrainStream:
 
 
 class ValSet:
-    """The held-out split, read by index: rank r takes samples r, r + world, r + 2 world, ..."""
+    """The held-out split of every stream that has one, read by index. The samples used are
+    spread evenly over the whole split (all streams), and rank r takes every world_size-th."""
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
-        from streaming import StreamingDataset
-
-        self.dataset = StreamingDataset(
-            local=str(Path(cfg.dir) / "val"), shuffle=False, batch_size=1
-        )
+        self.dataset = _open(cfg, "val", shuffle=False, batch_size=1)
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return self.dataset.num_samples
+        return self.dataset.num_samples if self.dataset is not None else 0
 
     def batches(
         self, micro_batch_size: int, max_batches: int
@@ -131,12 +334,13 @@ class ValSet:
         the same number of batches so collectives stay matched."""
         per_rank = len(self) // self.world_size
         n_batches = min(max_batches, per_rank // micro_batch_size) if max_batches else 0
+        picked = n_batches * micro_batch_size * self.world_size
         for b in range(n_batches):
             idx = [
-                (b * micro_batch_size + i) * self.world_size + self.rank
+                ((b * micro_batch_size + i) * self.world_size + self.rank) * len(self) // picked
                 for i in range(micro_batch_size)
             ]
-            tokens = collate_tokens([self.dataset.get_item(i) for i in idx])
+            tokens, _ = collate([self.dataset.get_item(i) for i in idx])
             yield tokens[:, :-1], tokens[:, 1:]
 
     def close(self) -> None:

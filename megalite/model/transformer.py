@@ -9,6 +9,7 @@ Shape legend: B batch, T sequence, C model dim, V vocab.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -19,13 +20,16 @@ from megalite.kernels import reference
 from megalite.model.layers import (
     Attention,
     BackendUnavailableError,
+    KVCache,
     RMSNorm,
     SwiGLU,
     attention_fn,
     rope_cos_sin,
 )
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CrossEntropyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+FusedLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CopyFn = Callable[[torch.Tensor, torch.Tensor], object]
 IGNORE_INDEX = -100
 
 
@@ -38,19 +42,20 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x_BTC: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x_BTC + self.attention(self.attention_norm(x_BTC), rope)
+    def forward(
+        self, x_BTC: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        # cache and layer_id go by keyword: a tensor-parallel plan lays out positional inputs.
+        h = x_BTC + self.attention(
+            self.attention_norm(x_BTC), rope, cache=cache, layer_id=self.layer_id
+        )
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def loss_fn(backend: str) -> LossFn:
-    """(hidden (N, C), output weight (V, C), targets (N,)) -> mean token cross-entropy.
-
-    Every backend takes the final hidden states and the output weight so that `fused_linear` can
-    avoid materializing the (N, V) logits; the others compute the logits first.
-    """
+def cross_entropy_fn(backend: str) -> CrossEntropyFn:
+    """(logits (N, V), targets (N,)) -> mean token cross-entropy, for `train.loss=torch|triton`."""
     if backend == "torch":
-        return lambda h, w, y: reference.cross_entropy(h @ w.t(), y, IGNORE_INDEX)
+        return lambda logits, y: reference.cross_entropy(logits, y, IGNORE_INDEX)
     if backend == "triton":
         try:
             from megalite.kernels.cross_entropy import cross_entropy
@@ -59,17 +64,21 @@ def loss_fn(backend: str) -> LossFn:
                 f"train.loss=triton but the Triton cross-entropy kernel cannot be imported ({e}); "
                 "use train.loss=torch"
             ) from e
-        return lambda h, w, y: cross_entropy(h @ w.t(), y, IGNORE_INDEX)
-    if backend == "fused_linear":
-        try:
-            from megalite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-        except ImportError as e:
-            raise BackendUnavailableError(
-                f"train.loss=fused_linear but the fused kernel cannot be imported ({e}); "
-                "use train.loss=torch"
-            ) from e
-        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, IGNORE_INDEX)
+        return lambda logits, y: cross_entropy(logits, y, IGNORE_INDEX)
     raise ValueError(f"train.loss={backend!r} is not one of torch, triton, fused_linear")
+
+
+def fused_linear_loss_fn() -> FusedLossFn:
+    """(hidden (N, C), output weight (V, C), targets (N,)) -> mean cross-entropy, without ever
+    materializing the (N, V) logits (`train.loss=fused_linear`)."""
+    try:
+        from megalite.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"train.loss=fused_linear but the fused kernel cannot be imported ({e}); "
+            "use train.loss=torch"
+        ) from e
+    return lambda h, w, y: fused_linear_cross_entropy(h, w, y, IGNORE_INDEX)
 
 
 class Transformer(nn.Module):
@@ -87,29 +96,48 @@ class Transformer(nn.Module):
         self.register_buffer(
             "rope", rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False
         )
-        self._loss = loss_fn(loss)
+        if loss == "fused_linear":
+            self._fused_loss: FusedLossFn | None = fused_linear_loss_fn()
+        else:
+            self._fused_loss, self._cross_entropy = None, cross_entropy_fn(loss)
 
     def forward(
-        self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor | None = None
+        self,
+        tokens_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) without targets; the mean cross-entropy (a scalar) with them.
 
         The loss is computed inside forward so that wrappers (DDP, FSDP) see one call, and the
-        fused linear + cross-entropy kernel can skip the logits entirely.
+        fused linear + cross-entropy kernel can skip the logits entirely. Under tensor
+        parallelism the logits are vocab-sharded and the loss runs inside `loss_parallel`.
+        With a `cache` (incremental decoding), `tokens_BT` continue the cached slots.
         """
         t = tokens_BT.shape[1]
-        if t > self.cfg.max_seq_len:
+        n = t if cache is None else cache.filled + t
+        if n > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence length {t} exceeds model.max_seq_len={self.cfg.max_seq_len}"
+                f"sequence length {n} exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
         h_BTC = self.tok_embeddings(tokens_BT)
+        if cache is not None:
+            cache.begin(t)
         for layer in self.layers.values():
-            h_BTC = layer(h_BTC, self.rope)
+            # Training calls a block with exactly (h, rope): what compiled graphs and parallel
+            # plans were built for.
+            h_BTC = layer(h_BTC, self.rope) if cache is None else layer(h_BTC, self.rope, cache)
+        if cache is not None:
+            cache.advance(t)
         h_BTC = self.norm(h_BTC)
+        if targets_BT is not None and self._fused_loss is not None:
+            return self._fused_loss(h_BTC.flatten(0, 1), self.output.weight, targets_BT.flatten())
+        # Calling the output module (not its weight) lets a tensor-parallel plan hook it.
+        logits_BTV = self.output(h_BTC)
         if targets_BT is None:
-            return self.output(h_BTC)
-        h_NC = h_BTC.reshape(-1, h_BTC.shape[-1])
-        return self._loss(h_NC, self.output.weight, targets_BT.reshape(-1))
+            return logits_BTV
+        return self._cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
 
     def tie_weights(self) -> None:
         """Shares the embedding with the output layer when configured. `to_empty` (meta ->
@@ -118,34 +146,50 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    def init_std(self, name: str) -> float | None:
+        """Init of the parameter `name`: Normal(0, std), or None for ones (norm weights).
+
+        Every matrix gets `init_std`; the projections that write into the residual stream (wo,
+        w2) get init_std / sqrt(2 * n_layers) (GPT-2) so its variance does not grow with depth.
+        """
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        return self.cfg.init_std
+
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, init_std) for every matrix; the projections that write into the residual
-        stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2) so its variance does not grow
-        with depth. Norm weights are ones. Deterministic for a given seed and device."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
-        std = self.cfg.init_std
-        depth_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=gen)
-        for layer in self.layers.values():
-            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
-                nn.init.normal_(lin.weight, 0.0, std, generator=gen)
-            nn.init.normal_(layer.feed_forward.w1.weight, 0.0, std, generator=gen)
-            nn.init.normal_(layer.feed_forward.w3.weight, 0.0, std, generator=gen)
-            nn.init.normal_(layer.attention.wo.weight, 0.0, depth_std, generator=gen)
-            nn.init.normal_(layer.feed_forward.w2.weight, 0.0, depth_std, generator=gen)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, 0.0, std, generator=gen)
-        self.rope.copy_(
-            rope_cos_sin(
-                self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device
-            )
+    def init_weights(self, seed: int = 0, copy_fn: CopyFn | None = None) -> None:
+        """Initializes every parameter from its own generator, seeded by (seed, name): the
+        weights do not depend on the order of initialization or on how the model is split.
+        `copy_fn(param, full)` writes the full tensor into a parameter; the parallelize step
+        passes one that keeps only this rank's shard."""
+        copy_fn = copy_fn or (lambda param, full: param.copy_(full))
+        for name, param in self.named_parameters():
+            name = canonical_name(name)
+            std = self.init_std(name)
+            if std is None:
+                full = torch.ones(param.shape, device=param.device, dtype=param.dtype)
+            else:
+                gen = torch.Generator(device=param.device)
+                gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                full = torch.empty(param.shape, device=param.device, dtype=param.dtype)
+                full.normal_(0.0, std, generator=gen)
+            copy_fn(param, full)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        rope = rope_cos_sin(
+            self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device
         )
+        self.rope.copy_(rope)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the prefixes wrappers add (activation checkpointing, compile),
+    as it appears in checkpoints."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def build_model(

@@ -20,6 +20,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    # False when the caller started the process group (then the caller also ends it).
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +54,9 @@ def init_distributed(device_pref: str, backend: str, timeout_s: int) -> DistInfo
     world = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)
+    owns_group = False
     if world > 1 and not dist.is_initialized():
+        owns_group = True
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -60,7 +64,7 @@ def init_distributed(device_pref: str, backend: str, timeout_s: int) -> DistInfo
             timeout=timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
-    return DistInfo(rank, world, local_rank, device)
+    return DistInfo(rank, world, local_rank, device, owns_group)
 
 
 def barrier() -> None:

@@ -1,32 +1,80 @@
 """The one place parallelism is applied to a model built by megalite.model, from outside it.
 
 Order (torchtitan's): tensor/sequence parallel -> activation checkpointing -> torch.compile ->
-data parallel (FSDP2 or DDP). This core supports `single` and `ddp`; the other layouts plug in
-here without touching the model.
+FSDP2, all on the meta device; then the sharded model is materialized and initialized (each rank
+writes only its shards of the same full weights a single process would have); DDP wraps last.
+DeepSpeed strategies skip this: their engine wraps the materialized model (parallel/deepspeed.py).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from megalite.config import Config
-from megalite.parallel.distributed import DistInfo
+from megalite.model.transformer import Transformer
+from megalite.parallel.checkpointing import apply_ac
+from megalite.parallel.dims import ParallelDims
+from megalite.parallel.fsdp import apply_fsdp
+from megalite.parallel.tp import apply_tp
 
 
 def compile_blocks(model: nn.Module) -> None:
     """Compiles each transformer block on its own: the blocks share one compiled graph, compile
-    time does not grow with depth, and wrappers applied later stay outside the graphs."""
+    time does not grow with depth, and FSDP's hooks stay outside the graphs."""
     for block in model.layers.values():
         block.compile()
 
 
-def parallelize(model: nn.Module, cfg: Config, dist_info: DistInfo) -> nn.Module:
-    """Returns the module to train: `model` itself, or a wrapper around it."""
+def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh FSDP shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Writes this rank's part of `full` into a (possibly sharded) parameter. Every rank holds
+    the same `full` (same seed), so no communication is needed (src_data_rank=None)."""
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)
+
+
+def parallelize(
+    model: Transformer,
+    cfg: Config,
+    dims: ParallelDims,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+) -> nn.Module:
+    """Takes the model on the meta device; returns the materialized module to train."""
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"])
+        # TP gave the embedding and the output layer new (DTensor) parameters; both are split
+        # over the vocabulary (Shard(0)), so a tied pair can share one again. FSDP then tracks
+        # the shared parameter once.
+        model.tie_weights()
+    apply_ac(model, cfg.parallel.activation_checkpointing)
     if cfg.train.compile:
         compile_blocks(model)
-    if cfg.parallel.strategy == "ddp" and dist_info.world_size > 1:
-        device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    if dims.uses_fsdp:
+        apply_fsdp(
+            model,
+            dp_mesh(mesh, dims),
+            param_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
+            reshard_after_forward=cfg.parallel.reshard_after_forward,
+        )
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights(seed=cfg.train.seed, copy_fn=_copy_shard)
+    if dims.strategy == "ddp" and dims.world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=device_ids)
     return model
 

@@ -1,0 +1,32 @@
+"""Runs several training configs one after another inside one torchrun job (one process group),
+so a test pays the start-up of a multi-rank job once. Usage:
+
+    torchrun --standalone --nproc_per_node=N tests/parallel/driver.py cases.json
+
+cases.json: a list of override lists, each a full `megalite-train` command line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from megalite.train import compose_config
+from megalite.trainer import Trainer
+
+
+def main() -> None:
+    cases = json.loads(open(sys.argv[1]).read())
+    dist.init_process_group("gloo")
+    try:
+        for overrides in cases:
+            Trainer(compose_config(overrides)).fit()
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
