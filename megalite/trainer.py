@@ -33,6 +33,7 @@ from megalite.metrics import (
 )
 from megalite.model.transformer import Transformer, count_params
 from megalite.optim import build_optimizer, lr_at
+from megalite.parallel.dims import ParallelDims
 from megalite.parallel.distributed import (
     all_reduce_mean,
     barrier,
@@ -40,7 +41,6 @@ from megalite.parallel.distributed import (
     shutdown,
     world_size_from_env,
 )
-from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import parallelize, unwrap
 
 

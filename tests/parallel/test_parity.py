@@ -119,7 +119,7 @@ def runs(tiny_data, tmp_path_factory):
                 "parallel.tp=2",
                 "model.tie_embeddings=true",
             ),
-            # Resharding: written by fsdp at 4 ranks, continued by fsdp at 2 ranks, then by 1 process.
+            # Resharding: written by fsdp at 4 ranks, continued by fsdp at 2, then by 1 process.
             overrides(d, r["fsdp4_to5"], 1, "parallel=fsdp", stop_at_step=5),
         ],
         tmp,
