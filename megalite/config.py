@@ -419,27 +419,29 @@ class Config:
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                 f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
             )
-        tp = self.parallel.tp
-        if tp > 1:
-            for key, value in (
-                ("model.n_heads", self.model.n_heads),
-                ("model.n_kv_heads", self.model.kv_heads),
-                ("model.ffn_dim", self.model.hidden_dim),
-                ("model.vocab_size", self.model.vocab_size),
-            ):
-                if value % tp:
-                    raise ConfigError(
-                        f"parallel.tp={tp} does not divide {key}={value}; pick a tp that "
-                        f"divides {value}"
-                    )
-            if self.train.loss == "fused_linear":
-                raise ConfigError(
-                    "train.loss=fused_linear does not support a vocab-sharded output layer "
-                    f"(parallel.tp={tp}); use train.loss=torch (loss parallel) with tensor "
-                    "parallelism"
-                )
+        if self.parallel.tp > 1:
+            check_tp(self, self.parallel.tp)
         if not self.train.resume:
             raise ConfigError("train.resume is empty; use none, auto or a checkpoint dir")
+
+
+def check_tp(cfg: Config, tp: int) -> None:
+    """Tensor parallelism splits heads, kv heads, the MLP and the vocabulary tp ways."""
+    for key, value in (
+        ("model.n_heads", cfg.model.n_heads),
+        ("model.n_kv_heads", cfg.model.kv_heads),
+        ("model.ffn_dim", cfg.model.hidden_dim),
+        ("model.vocab_size", cfg.model.vocab_size),
+    ):
+        if value % tp:
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide {key}={value}; pick a tp that divides {value}"
+            )
+    if cfg.train.loss == "fused_linear":
+        raise ConfigError(
+            "train.loss=fused_linear does not support a vocab-sharded output layer "
+            f"(parallel.tp={tp}); use train.loss=torch (loss parallel) with tensor parallelism"
+        )
 
 
 def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
@@ -474,6 +476,8 @@ def check_world_size(cfg: Config, world_size: int) -> int:
     """Checks the degrees and the batch arithmetic against the world size; returns the global
     batch size in sequences."""
     dp_replicate, dp_shard, tp = resolve_degrees(cfg.parallel, world_size)
+    if tp > 1:
+        check_tp(cfg, tp)
     dp = dp_replicate * dp_shard
     derived = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
     if cfg.train.global_batch_size is not None and cfg.train.global_batch_size != derived:

@@ -82,17 +82,17 @@ class Trainer:
         self.global_batch = check_world_size(cfg, world)
         self.manifest = check_dataset(cfg.data, cfg.model)
         self.resume_from = resolve_resume(cfg)
+        self.dims = ParallelDims.from_config(cfg.parallel, world)
+        engine = "deepspeed" if self.dims.uses_deepspeed else "dcp"
         if self.resume_from is not None:
-            checkpoint.check_compatible(self.resume_from, cfg.model)
+            checkpoint.check_compatible(self.resume_from, cfg.model, engine)
         elif tcfg.init_from is not None:
             if not Path(tcfg.init_from).is_dir():
                 raise ConfigError(
                     f"train.init_from={tcfg.init_from!r} is not a directory; give a checkpoint "
                     "dir (a step_N dir, or the output of megalite-convert)"
                 )
-            checkpoint.check_compatible(Path(tcfg.init_from), cfg.model)
-
-        self.dims = ParallelDims.from_config(cfg.parallel, world)
+            checkpoint.check_compatible(Path(tcfg.init_from), cfg.model, "dcp")
 
         # ---- distributed + device
         self.dist = init_distributed(tcfg.device, cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -109,10 +109,22 @@ class Trainer:
             model = Transformer(cfg.model, loss=tcfg.loss)
         self.n_params = count_params(model)
         self.model = parallelize(model, cfg, self.dims, self.mesh, self.device)
+        if tcfg.init_from is not None and self.resume_from is None:
+            checkpoint.load_model_weights(Path(tcfg.init_from), self.model, cfg.model)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
-        # FSDP2 casts parameters to bf16 itself (MixedPrecisionPolicy); DDP, TP and a single
-        # device use autocast. Either way the master weights and optimizer state stay fp32.
-        use_autocast = tcfg.precision == "bf16" and not self.dims.uses_fsdp
+        self.engine = None
+        if self.dims.uses_deepspeed:
+            from megalite.parallel import deepspeed as ds
+
+            self.engine, self.optimizer = ds.build_engine(
+                self.model, self.optimizer, cfg, self.global_batch, self.device
+            )
+            self.model = self.engine
+        # FSDP2 and DeepSpeed cast parameters to bf16 themselves; DDP, TP and a single device
+        # use autocast. Either way the master weights and optimizer state stay fp32.
+        use_autocast = tcfg.precision == "bf16" and not (
+            self.dims.uses_fsdp or self.dims.uses_deepspeed
+        )
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if use_autocast
@@ -124,21 +136,23 @@ class Trainer:
 
         # ---- data: the ranks of one tensor-parallel group read the same samples
         dp_rank = self.dims.dp_rank(self.dist.rank)
+        # mosaicml-streaming names its shared memory by scanning /dev/shm on every rank: start
+        # the ranks together so they see the same segments.
+        barrier()
         self.stream = TrainStream(
             cfg.data, tcfg.micro_batch_size, seed=tcfg.seed, replication=self.dims.tp
         )
+        barrier()
         self.val = ValSet(cfg.data, dp_rank, self.dims.dp)
 
         # ---- state, resumed if asked
         self.step, self.tokens = 0, 0
         if self.resume_from is not None:
             state = checkpoint.load(
-                self.resume_from, self.model, self.optimizer, cfg.model, self.dist
+                self.resume_from, self.model, self.optimizer, cfg.model, self.dist, self.engine
             )
             self.step, self.tokens = state["step"], state["tokens"]
             self.stream.load_state_dict(state["data"])
-        elif tcfg.init_from is not None:
-            checkpoint.load_model_weights(Path(tcfg.init_from), self.model, cfg.model)
 
         # ---- metrics
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -207,6 +221,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        if self.engine is not None:
+            from megalite.parallel import deepspeed as ds
+
+            loss_sum, grad_norm = ds.train_step(
+                self.engine, self._micro_batches(), tcfg.grad_accum_steps
+            )
+            self.step += 1
+            self.tokens += self.global_batch * self.cfg.data.seq_len
+            loss = all_reduce_mean(loss_sum / tcfg.grad_accum_steps)
+            return loss.item(), grad_norm
         loss_sum = torch.zeros((), device=self.device)
         for x, y, sync in self._micro_batches():
             with sync, self.loss_context():
@@ -249,6 +273,7 @@ class Trainer:
             self.cfg.model,
             self.dist,
             self.cfg.train.keep_last,
+            self.engine,
         )
 
     # --------------------------------------------------------------------------------- loop
@@ -338,7 +363,7 @@ class Trainer:
         self.stream.close()
         self.val.close()
         # Dropping the DDP wrapper before destroying the group avoids an abort at exit.
-        del self.model, self.optimizer
+        del self.model, self.optimizer, self.engine
         gc.collect()
         # Every rank has now released its streaming shared memory; a dataset opened next in
         # this process (a sweep, a test driver) must not see another rank's stale segments.

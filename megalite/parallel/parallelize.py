@@ -80,5 +80,7 @@ def parallelize(
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside any wrapper (DDP keeps it as `.module`)."""
-    return module.module if isinstance(module, DDP) else module
+    """The model inside any wrapper (DDP and DeepSpeed keep it as `.module`)."""
+    if isinstance(module, DDP) or type(module).__name__ == "DeepSpeedEngine":
+        return module.module
+    return module

@@ -18,6 +18,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -27,6 +28,8 @@ import pytest
 from megalite.metrics import read_metrics
 from tests.conftest import BIN, REPO, compose, run_cli, tiny_train_overrides
 
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="pip install megalite[deepspeed]")
 STEPS = 10
 BF16_RTOL = 1e-3
 FP32_RTOL = 1e-5
@@ -99,6 +102,11 @@ def runs(tiny_data, tmp_path_factory):
             "fsdp_ac_full",
             "fsdp_ac_sel",
             "tp_to5",
+            "zero1",
+            "zero2",
+            "zero3",
+            "zero3_bf16",
+            "zero2_to5",
             "single",
             "single_bf16",
             "single_tied",
@@ -147,6 +155,18 @@ def runs(tiny_data, tmp_path_factory):
             # tp -> fsdp: written under tensor parallelism, continued fully sharded.
             overrides(d, r["tp_to5"], 4, "parallel=tp", stop_at_step=5),
             overrides(d, r["tp_to5"], 2, "parallel=fsdp", resume="auto"),
+            *(
+                [
+                    overrides(d, r["zero1"], 2, "parallel=zero1"),
+                    overrides(d, r["zero2"], 2, "parallel=zero2"),
+                    overrides(d, r["zero3"], 2, "parallel=zero3", ckpt_every=STEPS),
+                    overrides(d, r["zero3_bf16"], 2, "parallel=zero3", precision="bf16"),
+                    overrides(d, r["zero2_to5"], 2, "parallel=zero2", stop_at_step=5),
+                    overrides(d, r["zero2_to5"], 2, "parallel=zero2", resume="auto"),
+                ]
+                if HAVE_DEEPSPEED
+                else []
+            ),
         ],
         tmp,
     )
@@ -208,3 +228,49 @@ def test_clipping_was_active(runs):
         r["grad_norm"] for r in read_metrics(runs["single"] / "metrics.jsonl") if "grad_norm" in r
     ]
     assert max(norms) > 0.5 and all(math.isfinite(n) for n in norms)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_deepspeed_zero_matches_single_process(runs, name):
+    assert_same(runs[name], runs["single"], FP32_RTOL)
+
+
+@needs_deepspeed
+def test_deepspeed_bf16_within_tolerance(runs):
+    assert_same(runs["zero3_bf16"], runs["single_bf16"], BF16_RTOL)
+
+
+@needs_deepspeed
+def test_deepspeed_resume(runs):
+    run = runs["zero2_to5"]
+    meta = json.loads((run / "checkpoints/step_00000010/meta.json").read_text())
+    assert meta["engine"] == "deepspeed"
+    assert_same(run, runs["single"], FP32_RTOL)
+
+
+@needs_deepspeed
+def test_deepspeed_checkpoint_converts_to_dcp(runs, tiny_data, tmp_path):
+    """zero3's sharded checkpoint -> DCP -> one plain model: its validation loss is the one the
+    zero3 run measured at that step; and a DCP load refuses the DeepSpeed checkpoint clearly."""
+    import torch
+
+    from megalite.checkpoint import CheckpointError, load_model_weights
+    from megalite.config import DataConfig
+    from megalite.data.loader import ValSet
+    from megalite.model.transformer import build_model
+    from megalite.parallel.deepspeed import convert_to_dcp
+
+    ds_ckpt = runs["zero3"] / "checkpoints" / f"step_{STEPS:08d}"
+    cfg = compose(overrides(tiny_data, tmp_path / "x", 4))
+    model = build_model(cfg.model)
+    with pytest.raises(CheckpointError, match="written by the deepspeed engine .* convert it first"):
+        load_model_weights(ds_ckpt, model, cfg.model)
+    out = tmp_path / "converted"
+    convert_to_dcp(ds_ckpt, out)
+    load_model_weights(out, model, cfg.model)
+    val = ValSet(DataConfig(dir=str(tiny_data), seq_len=32), rank=0, world_size=1)
+    with torch.no_grad():
+        got = sum(model(x, y).item() for x, y in val.batches(4, 2)) / 2
+    val.close()
+    assert got == pytest.approx(val_losses(runs["zero3"])[STEPS], rel=FP32_RTOL)

@@ -1,0 +1,165 @@
+"""DeepSpeed ZeRO (stages 1-3) as an alternative engine: `parallel=zero1|zero2|zero3`.
+
+The model is the same single-device Transformer, materialized and initialized exactly as for
+every other layout; DeepSpeed wraps it together with megalite's own AdamW (parameter groups and
+all), so the optimizer math matches the other strategies. DeepSpeed owns gradient accumulation
+(its `backward` scales by 1/accum and `step` applies the update on the last micro-batch),
+clipping (`gradient_clipping`) and bf16 (`bf16.enabled`: bf16 parameters and gradients in the
+model, fp32 master weights and optimizer state in its optimizer wrapper).
+
+Checkpoints are DeepSpeed's own (`engine.save_checkpoint`), written into `step_N.tmp/` and
+renamed like every megalite checkpoint. `convert_to_dcp` turns one into the common DCP format
+(model weights, fp32) that `train.init_from`, `megalite-eval` and any other layout load:
+
+    python -m megalite.parallel.deepspeed runs/x/checkpoints/step_00000100 runs/x/dcp_step_100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from megalite.config import Config, ModelConfig
+
+ENGINE = "deepspeed"
+
+
+def _import_deepspeed(device: torch.device):
+    # DeepSpeed picks its accelerator at import time; on a CPU it must be told.
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    # The CPU accelerator otherwise JIT-compiles a shared-memory all-reduce op at start-up
+    # (1-2 minutes); gloo's collectives are enough.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def ds_config(cfg: Config, global_batch: int) -> dict[str, Any]:
+    stage = int(cfg.parallel.strategy.removeprefix("zero"))
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            # Keep full fp32 weights gatherable at save time for conversion.
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        # megalite's own AdamW is the client optimizer.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    global_batch: int,
+    device: torch.device,
+):
+    """Wraps a materialized model and its optimizer; returns (engine, engine optimizer)."""
+    deepspeed = _import_deepspeed(device)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
+    )
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds_config(cfg, global_batch),
+        dist_init_required=False,
+    )
+    return engine, ds_optimizer
+
+
+def train_step(engine, micro_batches, grad_accum_steps: int) -> tuple[torch.Tensor, float]:
+    """One optimizer step; returns (sum of micro-batch losses, global grad norm)."""
+    loss_sum = torch.zeros((), device=engine.device)
+    for x, y, _ in micro_batches:
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float()
+    norm = engine.get_global_grad_norm()
+    norm = float(norm.item() if isinstance(norm, torch.Tensor) else (norm or 0.0))
+    return loss_sum, norm
+
+
+def save(engine, tmp: Path) -> None:
+    """Writes DeepSpeed's checkpoint files into `tmp` (a collective on every rank)."""
+    engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+
+
+def load(engine, path: Path) -> None:
+    load_path, _ = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise ValueError(f"DeepSpeed found no checkpoint in {str(path)!r}")
+
+
+def convert_to_dcp(ds_dir: Path, out: Path) -> None:
+    """A DeepSpeed ZeRO checkpoint (a step_N dir written by megalite) -> a DCP checkpoint of
+    the fp32 model weights, loadable under any layout (`train.init_from`, `megalite-eval`)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    _import_deepspeed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    meta_path = ds_dir / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{str(ds_dir)!r} has no meta.json: not a megalite checkpoint dir")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("engine") != ENGINE:
+        raise ValueError(f"{str(ds_dir)!r} was not written by DeepSpeed; it is already DCP")
+    if out.exists():
+        raise ValueError(f"output {str(out)!r} exists; choose a new directory")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
+    ModelConfig(**meta["model"])  # validates the recorded config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": {k: v.float() for k, v in state.items()}}, checkpoint_id=str(tmp))
+    converted = dict(meta, engine="dcp", converted_from=str(ds_dir))
+    (tmp / "meta.json").write_text(json.dumps(converted, indent=2) + "\n")
+    tmp.rename(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m megalite.parallel.deepspeed",
+        description="convert a DeepSpeed ZeRO checkpoint to megalite's DCP format",
+    )
+    p.add_argument("checkpoint", type=Path, help="a step_N dir written by a zero1/2/3 run")
+    p.add_argument("out", type=Path, help="new directory for the DCP checkpoint")
+    args = p.parse_args(argv)
+    try:
+        convert_to_dcp(args.checkpoint, args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
