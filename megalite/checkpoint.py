@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from megalite.config import ModelConfig
 from megalite.parallel.distributed import DistInfo, barrier
+from megalite.resilience import failpoint
 
 # Fields that decide parameter shapes: a checkpoint is loadable only if they all match.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "tie_embeddings")
@@ -104,9 +105,7 @@ def model_meta(cfg: ModelConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
-def check_compatible(
-    path: Path, cfg: ModelConfig, engine: str | None = None
-) -> dict[str, Any]:
+def check_compatible(path: Path, cfg: ModelConfig, engine: str | None = None) -> dict[str, Any]:
     """Reads meta.json and refuses a checkpoint of a different model shape, naming every field,
     or (when `engine` is given) one written by the other engine (DCP vs DeepSpeed)."""
     meta_path = path / "meta.json"
@@ -179,9 +178,11 @@ def save(
             # Without a process group DCP warns that it saves from a single process: intended.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    failpoint("save_after_weights")
     rank_state = dict(trainer_state, rng=_rng_state(dist_info.device))
     torch.save(rank_state, tmp / f"rank_{dist_info.rank:05d}.pt")
     barrier()
+    failpoint("save_before_meta")
     if dist_info.is_main:
         meta = {
             "step": step,
@@ -196,14 +197,17 @@ def save(
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
+        failpoint("save_before_rename")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        failpoint("save_before_latest")
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         latest_tmp.replace(root / "latest")
         _fsync_dir(root)
         # Prune after the new checkpoint is complete: the newest is never deleted.
+        failpoint("save_before_prune")
         for old in list_complete(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -326,6 +326,26 @@ class OptimConfig:
 
 # --------------------------------------------------------------------------------------- train
 @dataclass
+class GuardConfig:
+    """The loss guard: what a non-finite or spiking step does (megalite/resilience.py)."""
+
+    # Consecutive bad steps (skipped updates) before rolling back to the last checkpoint and
+    # continuing past the offending batches; 0 never rolls back (skips forever).
+    max_bad_steps: int = 3
+    # A loss above the running mean by spike_z standard deviations over the last spike_window
+    # steps is a spike; 0 disables spike detection. spike_action: log, or skip the update.
+    spike_z: float = 0.0
+    spike_window: int = 100
+    spike_action: str = "log"
+
+    def __post_init__(self) -> None:
+        _positive("train.guard.max_bad_steps", self.max_bad_steps, allow_zero=True)
+        _positive("train.guard.spike_z", self.spike_z, allow_zero=True)
+        _positive("train.guard.spike_window", self.spike_window)
+        _choice("train.guard.spike_action", self.spike_action, ("log", "skip"))
+
+
+@dataclass
 class TrainConfig:
     """The loop: batch shape, precision, loss backend, eval and checkpoint cadence, resume."""
 
@@ -356,6 +376,9 @@ class TrainConfig:
     # `megalite-convert`); optimizer, schedule and data start fresh. Ignored when resuming.
     init_from: str | None = None
     plot: bool = True
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    # A step taking longer than this dumps all stacks and exits non-zero; 0 disables.
+    watchdog_s: int = 0
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every"):
@@ -370,6 +393,7 @@ class TrainConfig:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("bf16", "fp32"))
         _choice("train.loss", self.loss, ("torch", "triton", "fused_linear"))
+        _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
         if not self.run_dir:
             raise ConfigError("train.run_dir is empty; give a directory for checkpoints and logs")
 

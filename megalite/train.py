@@ -62,7 +62,12 @@ def run(raw: DictConfig) -> None:
         trainer = Trainer(cfg)
     except (ConfigError, DataError, CheckpointError, BackendUnavailableError) as e:
         fail(str(e))
-    trainer.fit()
+    from megalite.trainer import TrainingError
+
+    try:
+        trainer.fit()
+    except TrainingError as e:
+        fail(str(e))
 
 
 def main() -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import gc
 import json
 import math
+import signal
 import time
+import zlib
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,14 +37,29 @@ from megalite.metrics import (
 from megalite.model.transformer import Transformer, count_params
 from megalite.optim import build_optimizer, lr_at
 from megalite.parallel.dims import ParallelDims
+from megalite.resilience import (
+    PREEMPTED,
+    LossGuard,
+    StopSignals,
+    Verdict,
+    Watchdog,
+    failpoint,
+    poisoned,
+)
 from megalite.parallel.distributed import (
+    all_reduce_max,
     all_reduce_mean,
+    all_reduce_sum,
     barrier,
     init_distributed,
     shutdown,
     world_size_from_env,
 )
 from megalite.parallel.parallelize import parallelize, unwrap
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and what to change."""
 
 
 def resolve_resume(cfg: Config) -> Path | None:
@@ -66,6 +84,14 @@ def resolve_resume(cfg: Config) -> Path | None:
             f"train.resume={resume!r} is not a directory; give a step_N checkpoint dir, or auto"
         )
     return path
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    verdict: Verdict
+    data_crc: int
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -147,6 +173,9 @@ class Trainer:
 
         # ---- state, resumed if asked
         self.step, self.tokens = 0, 0
+        self.guard = LossGuard(tcfg.guard)
+        self.rollbacks = 0
+        self._data_crc = 0
         if self.resume_from is not None:
             state = checkpoint.load(
                 self.resume_from, self.model, self.optimizer, cfg.model, self.dist, self.engine
@@ -160,6 +189,7 @@ class Trainer:
         self.peak = resolve_peak(self.device, dtype, cfg.logging.peak_tflops)
         if self.dist.is_main and self.resume_from is not None:
             self._truncate_metrics(self.step)
+            (self.run_dir / PREEMPTED).unlink(missing_ok=True)
         self.logger = MetricsLogger(
             self.run_dir,
             enabled=self.dist.is_main,
@@ -204,6 +234,8 @@ class Trainer:
     def _micro_batches(self):
         for i in range(self.cfg.train.grad_accum_steps):
             x, y = next(self.stream)
+            # A fingerprint of the tokens this step consumed (tests check resumes with it).
+            self._data_crc = zlib.crc32(x.numpy().tobytes(), self._data_crc)
             last = i == self.cfg.train.grad_accum_steps - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
             sync = (
@@ -213,40 +245,47 @@ class Trainer:
             )
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), sync
 
-    # --------------------------------------------------------------------------------- step
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad norm)."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum_steps micro-batches. The update is applied only
+        if the loss guard accepts the (globally reduced) loss and gradient norm."""
         tcfg = self.cfg.train
         lr = lr_at(self.step, self.cfg.optim, tcfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        self._data_crc = 0
+        poison = float("nan") if poisoned(self.step + 1) else 1.0
         if self.engine is not None:
             from megalite.parallel import deepspeed as ds
 
+            # DeepSpeed applies its update inside engine.step(): the guard can count and roll
+            # back, not skip.
             loss_sum, grad_norm = ds.train_step(
-                self.engine, self._micro_batches(), tcfg.grad_accum_steps
+                self.engine, self._micro_batches(), tcfg.grad_accum_steps, poison
             )
-            self.step += 1
-            self.tokens += self.global_batch * self.cfg.data.seq_len
-            loss = all_reduce_mean(loss_sum / tcfg.grad_accum_steps)
-            return loss.item(), grad_norm
-        loss_sum = torch.zeros((), device=self.device)
-        for x, y, sync in self._micro_batches():
-            with sync, self.loss_context():
-                with self.autocast:
-                    loss = self.model(x, y)
-                (loss / tcfg.grad_accum_steps).backward()
-            loss_sum += full(loss.detach()).float()
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        else:
+            loss_sum = torch.zeros((), device=self.device)
+            for x, y, sync in self._micro_batches():
+                with sync, self.loss_context():
+                    with self.autocast:
+                        loss = self.model(x, y) * poison
+                    (loss / tcfg.grad_accum_steps).backward()
+                loss_sum += full(loss.detach()).float()
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = full(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            ).item()
+        # Every rank of a tensor-parallel group holds the same loss: average over all ranks.
+        loss = all_reduce_mean(loss_sum / tcfg.grad_accum_steps).item()
+        verdict = self.guard.check(loss, grad_norm)
+        if self.engine is None:
+            if verdict.apply:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.global_batch * self.cfg.data.seq_len
-        # Every rank of a tensor-parallel group holds the same loss: average over all ranks.
-        loss = all_reduce_mean(loss_sum / tcfg.grad_accum_steps)
-        return loss.item(), full(grad_norm).item()
+        crc = all_reduce_sum(torch.tensor(self._data_crc, dtype=torch.float64)).item()
+        return StepResult(loss, grad_norm, verdict, int(crc))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -284,52 +323,107 @@ class Trainer:
         last_step = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
         if self.step >= last_step:
             self.logger.info(f"nothing to do: the run is at step {self.step} of {last_step}")
+        watchdog = Watchdog(tcfg.watchdog_s)
         try:
-            while self.step < last_step:
-                t0 = time.perf_counter()
-                loss, grad_norm = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                window_time += time.perf_counter() - t0
-                window_tokens += self.global_batch * self.cfg.data.seq_len
-                done = self.step == last_step
-                if self.step % tcfg.log_every == 0 or done:
-                    tok_s = window_tokens / window_time
-                    tflops = self.flops_per_token * tok_s / self.dist.world_size / 1e12
-                    self.logger.log(
-                        {
-                            "step": self.step,
-                            "loss": loss,
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "grad_norm": grad_norm,
-                            "tokens": self.tokens,
-                            "tokens_per_s": tok_s,
-                            "tokens_per_s_per_device": tok_s / self.dist.world_size,
-                            "tflops_per_device": tflops,
-                            "mfu": tflops / self.peak.tflops,
-                            "peak_tflops": self.peak.tflops,
-                            "peak_source": self.peak.source,
-                            "mem_gb": peak_memory_gb(self.device),
-                            "step_time_s": window_time / max(1, tcfg.log_every),
-                        }
-                    )
-                    window_time, window_tokens = 0.0, 0
-                if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or done:
-                    last_val = self.evaluate()
-                    self.logger.log(
-                        {
-                            "step": self.step,
-                            "val_loss": last_val,
-                            "val_ppl": math.exp(min(last_val, 50.0)),
-                            "tokens": self.tokens,
-                        }
-                    )
-                if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or done:
-                    path = self.save_checkpoint()
-                    self.logger.info(f"checkpoint {path}")
+            with StopSignals() as signals:
+                while self.step < last_step:
+                    t0 = time.perf_counter()
+                    watchdog.arm()
+                    failpoint("step", self.step + 1)
+                    result = self.train_step()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    watchdog.disarm()
+                    window_time += time.perf_counter() - t0
+                    window_tokens += self.global_batch * self.cfg.data.seq_len
+                    if result.verdict.reason:
+                        self.logger.info(f"step {self.step}: {result.verdict.reason}")
+                    if result.verdict.rollback:
+                        self._rollback(result.verdict.reason)
+                        continue
+                    done = self.step == last_step
+                    if self.step % tcfg.log_every == 0 or done:
+                        self._log_step(result, window_tokens, window_time)
+                        window_time, window_tokens = 0.0, 0
+                    if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or done:
+                        last_val = self.evaluate()
+                        self.logger.log(
+                            {
+                                "step": self.step,
+                                "val_loss": last_val,
+                                "val_ppl": math.exp(min(last_val, 50.0)),
+                                "tokens": self.tokens,
+                            }
+                        )
+                    if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or done:
+                        path = self.save_checkpoint()
+                        self.logger.info(f"checkpoint {path}")
+                    # Every rank stops after the same step, even if only one got the signal.
+                    stop = all_reduce_max(torch.tensor(float(signals.received is not None)))
+                    if stop.item() and not done:
+                        return self._preempted(signals.received)
             return self._finish(last_val)
         finally:
+            watchdog.disarm()
             self.close()
+
+    def _log_step(self, result: StepResult, tokens: int, seconds: float) -> None:
+        tok_s = tokens / seconds
+        tflops = self.flops_per_token * tok_s / self.dist.world_size / 1e12
+        self.logger.log(
+            {
+                "step": self.step,
+                "loss": result.loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": result.grad_norm,
+                "tokens": self.tokens,
+                "tokens_per_s": tok_s,
+                "tokens_per_s_per_device": tok_s / self.dist.world_size,
+                "tflops_per_device": tflops,
+                "mfu": tflops / self.peak.tflops,
+                "peak_tflops": self.peak.tflops,
+                "peak_source": self.peak.source,
+                "mem_gb": peak_memory_gb(self.device),
+                "step_time_s": seconds / max(1, self.cfg.train.log_every),
+                "skipped_steps": self.guard.skipped,
+                "rollbacks": self.rollbacks,
+                "data_crc": result.data_crc,
+            }
+        )
+
+    def _rollback(self, reason: str) -> None:
+        """Restores model and optimizer from the newest checkpoint and goes on from the data
+        position reached, so the batches that produced the bad steps are not seen again."""
+        path = checkpoint.newest_complete(self.run_dir)
+        if path is None:
+            raise TrainingError(
+                f"step {self.step}: {self.cfg.train.guard.max_bad_steps} bad steps in a row "
+                f"({reason}) and no checkpoint in {self.run_dir} to roll back to; lower "
+                "optim.lr, set train.ckpt_every, or train.guard.max_bad_steps=0 to only skip"
+            )
+        data_state = self.stream.state_dict()
+        state = checkpoint.load(
+            path, self.model, self.optimizer, self.cfg.model, self.dist, self.engine
+        )
+        self.stream.load_state_dict(data_state)
+        skipped_batches = self.step - state["step"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.rollbacks += 1
+        self.guard.after_rollback()
+        self.logger.info(
+            f"rolled back to {path.name} after {reason}; skipping the {skipped_batches} "
+            "batches consumed since"
+        )
+
+    def _preempted(self, signum: int | None) -> dict:
+        """SIGUSR1 / SIGTERM: checkpoint now, leave a marker for the launcher, exit cleanly."""
+        path = self.save_checkpoint()
+        name = signal.Signals(signum).name if signum else "signal"
+        if self.dist.is_main:
+            marker = {"step": self.step, "signal": name, "checkpoint": str(path)}
+            (self.run_dir / PREEMPTED).write_text(json.dumps(marker) + "\n")
+        self.logger.info(f"{name}: checkpointed {path} at step {self.step}; exiting for requeue")
+        return {"step": self.step, "tokens": self.tokens, "preempted": True}
 
     def _finish(self, val_loss: float | None) -> dict:
         summary = {

@@ -87,11 +87,14 @@ def build_engine(
     return engine, ds_optimizer
 
 
-def train_step(engine, micro_batches, grad_accum_steps: int) -> tuple[torch.Tensor, float]:
-    """One optimizer step; returns (sum of micro-batch losses, global grad norm)."""
+def train_step(
+    engine, micro_batches, grad_accum_steps: int, poison: float = 1.0
+) -> tuple[torch.Tensor, float]:
+    """One optimizer step; returns (sum of micro-batch losses, global grad norm). `poison` is
+    the loss guard tests' failpoint (1.0 outside tests)."""
     loss_sum = torch.zeros((), device=engine.device)
     for x, y, _ in micro_batches:
-        loss = engine(x, y)
+        loss = engine(x, y) * poison
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()
