@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "hydra-core==1.3.2",
     "omegaconf==2.3.0",
     "tokenizers>=0.21,<0.23",
+    "tiktoken>=0.7",  # reads tiktoken BPE encoding files for `megalite-data prepare --tokenizer`
+    "pyarrow>=15",  # parquet input
+    "zstandard>=0.22",  # .jsonl.zst input
     "safetensors>=0.4",
     "wandb>=0.19",
     "rich>=13",
@@ -35,6 +38,7 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "ruff>=0.6",
         "transformers>=4.45,<5",
+        "moto[server]>=5",  # a local S3-compatible server for the object-storage tests
     ],
 }
 

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from megalite.kernels import cross_entropy, flash_attention, rms_norm
 from megalite.kernels._utils import INTERPRET
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 # Largest dynamic shared memory one block may opt into: 163 KiB on A100 (sm_80), 227 KiB on H100
 # (sm_90); 1 KiB below the per-SM capacity (164 / 228 KiB), which the driver reserves.
@@ -76,15 +75,27 @@ def _rms_variants() -> list[Variant]:
         fwd_types = dict(X=ptr, W=ptr, Y=ptr, RSTD="*fp32", stride_x="i32", stride_y="i32")
         fwd_types.update(n_cols="i32", eps="fp32")
         out.append(
-            Variant("rms_norm_fwd", cfg, rms_norm._rms_norm_fwd_kernel, fwd_types,
-                    {"BLOCK_C": block}, warps)  # fmt: skip
+            Variant(
+                "rms_norm_fwd",
+                cfg,
+                rms_norm._rms_norm_fwd_kernel,
+                fwd_types,
+                {"BLOCK_C": block},
+                warps,
+            )
         )
         bwd_types = dict(DY=ptr, X=ptr, W=ptr, RSTD="*fp32", DX=ptr, DW_PARTIAL="*fp32")
         bwd_types.update(stride_dy="i32", stride_x="i32", stride_dx="i32")
         bwd_types.update(n_rows="i32", n_cols="i32", rows_per_program="i32")
         out.append(
-            Variant("rms_norm_bwd", cfg, rms_norm._rms_norm_bwd_kernel, bwd_types,
-                    {"BLOCK_C": block}, warps)  # fmt: skip
+            Variant(
+                "rms_norm_bwd",
+                cfg,
+                rms_norm._rms_norm_bwd_kernel,
+                bwd_types,
+                {"BLOCK_C": block},
+                warps,
+            )
         )
     return out
 
@@ -100,15 +111,27 @@ def _ce_variants() -> list[Variant]:
         for write_grad in (False, True):
             name = "cross_entropy_fwd" + ("+grad (fused linear CE)" if write_grad else "")
             out.append(
-                Variant(name, cfg, cross_entropy._ce_fwd_kernel, fwd_types,
-                        {"BLOCK_V": block, "WRITE_GRAD": write_grad}, warps)  # fmt: skip
+                Variant(
+                    name,
+                    cfg,
+                    cross_entropy._ce_fwd_kernel,
+                    fwd_types,
+                    {"BLOCK_V": block, "WRITE_GRAD": write_grad},
+                    warps,
+                )
             )
         bwd_types = dict(LOGITS=ptr, DLOGITS=ptr, TARGET="*i64", LSE="*fp32", SCALE="*fp32")
         bwd_types.update(stride_logits="i32", stride_dlogits="i32", stride_scale="i32")
         bwd_types.update(n_cols="i32", ignore_index="i32")
         out.append(
-            Variant("cross_entropy_bwd", cfg, cross_entropy._ce_bwd_kernel, bwd_types,
-                    {"BLOCK_V": block}, warps)  # fmt: skip
+            Variant(
+                "cross_entropy_bwd",
+                cfg,
+                cross_entropy._ce_bwd_kernel,
+                bwd_types,
+                {"BLOCK_V": block},
+                warps,
+            )
         )
     return out
 
@@ -122,23 +145,35 @@ def _attention_variants() -> list[Variant]:
     ptr = "*bf16"
     out = []
     for head_dim in fa.SUPPORTED_HEAD_DIMS:
-        fwd_types = dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", **_strides("q", "k", "v", "o"))
+        fwd_types = dict(Q=ptr, K=ptr, V=ptr, Out=ptr, LSE="*fp32", **_strides("q", "k", "v", "o"))
         fwd_types.update(n_heads="i32", n_rep="i32", seqlen="i32", qk_scale="fp32")
         for i, cfg in enumerate(fa.FWD_CONFIGS[head_dim]):
             for causal in (True, False) if i == 0 else (True,):
                 consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, UPCAST=False, DOT_PRECISION="tf32")
                 consts.update(cfg.kwargs)
                 out.append(
-                    Variant("attn_fwd", _describe(cfg, head_dim, causal), fa._attn_fwd_kernel.fn,
-                            fwd_types, consts, cfg.num_warps, cfg.num_stages,
-                            tags=["attn_fwd"])  # fmt: skip
+                    Variant(
+                        "attn_fwd",
+                        _describe(cfg, head_dim, causal),
+                        fa._attn_fwd_kernel.fn,
+                        fwd_types,
+                        consts,
+                        cfg.num_warps,
+                        cfg.num_stages,
+                        tags=["attn_fwd"],
+                    )
                 )
-        pre_types = dict(O=ptr, DO=ptr, DELTA="*fp32", **_strides("o", "do"))
+        pre_types = dict(Out=ptr, DO=ptr, DELTA="*fp32", **_strides("o", "do"))
         pre_types.update(n_heads="i32", seqlen="i32")
         out.append(
-            Variant("attn_bwd_preprocess", f"D={head_dim} BLOCK_M={fa.PREPROCESS_BLOCK_M}",
-                    fa._attn_bwd_preprocess_kernel, pre_types,
-                    {"HEAD_DIM": head_dim, "BLOCK_M": fa.PREPROCESS_BLOCK_M}, 4)  # fmt: skip
+            Variant(
+                "attn_bwd_preprocess",
+                f"D={head_dim} BLOCK_M={fa.PREPROCESS_BLOCK_M}",
+                fa._attn_bwd_preprocess_kernel,
+                pre_types,
+                {"HEAD_DIM": head_dim, "BLOCK_M": fa.PREPROCESS_BLOCK_M},
+                4,
+            )
         )
         bwd_common = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32")
         dkdv_types = dict(bwd_common, DK=ptr, DV=ptr, **_strides("q", "k", "v", "do", "dk"))
@@ -155,8 +190,15 @@ def _attention_variants() -> list[Variant]:
                 consts.update(cfg.kwargs)
                 name = kernel.fn.__name__.removeprefix("_").removesuffix("_kernel")
                 out.append(
-                    Variant(name, _describe(cfg, head_dim, True), kernel.fn, types, consts,
-                            cfg.num_warps, cfg.num_stages)  # fmt: skip
+                    Variant(
+                        name,
+                        _describe(cfg, head_dim, True),
+                        kernel.fn,
+                        types,
+                        consts,
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
                 )
     return out
 
@@ -224,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="*", default=None, help="compile only these kernel names (default: all)"
     )
-    parser.add_argument("--first-config", action="store_true", help="one variant per kernel")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one variant per kernel: the first config, at head_dim 128 for attention",
+    )
     args = parser.parse_args(argv)
     if INTERPRET:
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -232,9 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     variants = all_variants()
     if args.only:
         variants = [v for v in variants if v.name in args.only]
-    if args.first_config:
+    if args.smoke:
         seen: set[str] = set()
-        variants = [v for v in variants if not (v.name in seen or seen.add(v.name))]
+        variants = [
+            v
+            for v in variants
+            if ("D=" not in v.config or "D=128 " in v.config)
+            and not (v.name in seen or seen.add(v.name))
+        ]
     results = [compile_variant(v, arch) for arch in args.arch for v in variants]
     text = json.dumps(results, indent=1)
     if args.json:

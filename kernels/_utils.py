@@ -6,6 +6,7 @@ not, so a CPU box can import the package without Triton being usable.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -87,7 +88,9 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
 
 def check_reduction(op: str, reduction: object) -> str:
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{op}: reduction={reduction!r} is not supported; use 'mean', 'sum' or 'none'")
+        raise ValueError(
+            f"{op}: reduction={reduction!r} is not supported; use 'mean', 'sum' or 'none'"
+        )
     return reduction  # type: ignore[return-value]
 
 
@@ -96,4 +99,9 @@ def num_programs_cap() -> int:
     if INTERPRET:
         # Few programs keeps interpreter overhead low while still exercising multi-row loops.
         return 4
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return _sm_count(torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

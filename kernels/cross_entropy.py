@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from megalite.kernels._utils import (
     INDEX_DTYPES,
     INTERPRET,
@@ -148,10 +147,19 @@ def forward_rows(
     scale = grad_scale if write_grad else lse_N  # dummy pointer, never read
     stride_scale = scale.stride(0) if write_grad and scale.shape[0] == n_rows else 0
     _ce_fwd_kernel[(n_rows,)](
-        logits_NV, target_N, loss_N, lse_N, scale,
-        logits_NV.stride(0), stride_scale, n_cols, ignore_index,
-        BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=num_warps,
-    )  # fmt: skip
+        logits_NV,
+        target_N,
+        loss_N,
+        lse_N,
+        scale,
+        logits_NV.stride(0),
+        stride_scale,
+        n_cols,
+        ignore_index,
+        BLOCK_V=block,
+        WRITE_GRAD=write_grad,
+        num_warps=num_warps,
+    )
 
 
 @torch.library.custom_op("megalite::cross_entropy_fwd", mutates_args=())
@@ -166,7 +174,9 @@ def _cross_entropy_fwd(
 
 
 @_cross_entropy_fwd.register_fake
-def _(logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows = logits_NV.shape[0]
     return (
         logits_NV.new_empty(n_rows, dtype=torch.float32),
@@ -187,10 +197,19 @@ def _cross_entropy_bwd(
     scale_N = scale_N.float()
     block, num_warps = launch_params(n_cols)
     _ce_bwd_kernel[(n_rows,)](
-        logits_NV, dlogits_NV, target_N, lse_N, scale_N,
-        logits_NV.stride(0), dlogits_NV.stride(0), scale_N.stride(0), n_cols, ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
-    )  # fmt: skip
+        logits_NV,
+        dlogits_NV,
+        target_N,
+        lse_N,
+        scale_N,
+        logits_NV.stride(0),
+        dlogits_NV.stride(0),
+        scale_N.stride(0),
+        n_cols,
+        ignore_index,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
     return dlogits_NV
 
 
@@ -243,7 +262,8 @@ def check_target(op: str, target: torch.Tensor, n_rows: int, what: str) -> None:
     check_tensor(op, "target", target, dtypes=INDEX_DTYPES, ndim=1)
     if target.shape[0] != n_rows:
         raise ValueError(
-            f"{op}: target.shape={tuple(target.shape)} must be ({n_rows},), one class per {what} row"
+            f"{op}: target.shape={tuple(target.shape)} must be ({n_rows},), "
+            f"one class per {what} row"
         )
 
 

@@ -31,7 +31,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
 from megalite.kernels._utils import INTERPRET, autotune_configs, check_same_device, check_tensor
 
 OP = "flash_attention"
@@ -115,8 +114,12 @@ def _fwd_inner(
         cols = start_n + offs_n
         col_ok = cols < seqlen
         # K loaded transposed (D, N) so the score tile is a plain q @ kT.
-        kT = tl.load(K_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        v = tl.load(V_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        kT = tl.load(
+            K_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0
+        )
+        v = tl.load(
+            V_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
         if UPCAST:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
@@ -141,7 +144,7 @@ def _attn_fwd_kernel(
     Q,
     K,
     V,
-    O,
+    Out,
     LSE,
     stride_qb,
     stride_qt,
@@ -197,28 +200,60 @@ def _attn_fwd_kernel(
         full_hi = (seqlen // BLOCK_N) * BLOCK_N
         masked_hi = seqlen
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_base, V_base, stride_kt, stride_vt, offs_m, offs_d,
-        0, full_hi, seqlen, qk_scale,
-        BLOCK_N, False, CAUSAL, UPCAST, DOT_PRECISION,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        0,
+        full_hi,
+        seqlen,
+        qk_scale,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        UPCAST,
+        DOT_PRECISION,
+    )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, K_base, V_base, stride_kt, stride_vt, offs_m, offs_d,
-        full_hi, masked_hi, seqlen, qk_scale,
-        BLOCK_N, True, CAUSAL, UPCAST, DOT_PRECISION,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        full_hi,
+        masked_hi,
+        seqlen,
+        qk_scale,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        UPCAST,
+        DOT_PRECISION,
+    )
 
     acc = acc / l_i[:, None]
     tl.store(LSE + bh * seqlen + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     tl.store(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-        acc.to(O.dtype.element_ty),
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        acc.to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O,
+    Out,
     DO,
     DELTA,
     stride_ob,
@@ -240,7 +275,7 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m[:, None] < seqlen
     o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
         mask=row_ok,
         other=0.0,
     ).to(tl.float32)
@@ -329,8 +364,16 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(lo, seqlen, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen
-            q = tl.load(Q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO_base + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            q = tl.load(
+                Q_base + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
+            do = tl.load(
+                DO_base + rows[:, None] * stride_dot + offs_d[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
@@ -424,8 +467,12 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen
-        k = tl.load(K_base + cols[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(
+            K_base + cols[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            V_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -465,7 +512,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 @torch.library.custom_op("megalite::flash_attention_fwd", mutates_args=())
 def _flash_attention_fwd(
-    q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, causal: bool, softmax_scale: float
+    q_BTHD: torch.Tensor,
+    k_BTKD: torch.Tensor,
+    v_BTKD: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seqlen, n_heads, head_dim = q_BTHD.shape
     n_rep = n_heads // k_BTKD.shape[2]
@@ -476,17 +527,33 @@ def _flash_attention_fwd(
         return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
 
     _attn_fwd_kernel[grid](
-        q_BTHD, k_BTKD, v_BTKD, o_BTHD, lse_BHT,
-        *_strides(q_BTHD), *_strides(k_BTKD), *_strides(v_BTKD), *_strides(o_BTHD),
-        n_heads, n_rep, seqlen, softmax_scale * LOG2E,
-        HEAD_DIM=head_dim, CAUSAL=causal, **kernel_flags(q_BTHD.dtype),
-    )  # fmt: skip
+        q_BTHD,
+        k_BTKD,
+        v_BTKD,
+        o_BTHD,
+        lse_BHT,
+        *_strides(q_BTHD),
+        *_strides(k_BTKD),
+        *_strides(v_BTKD),
+        *_strides(o_BTHD),
+        n_heads,
+        n_rep,
+        seqlen,
+        softmax_scale * LOG2E,
+        HEAD_DIM=head_dim,
+        CAUSAL=causal,
+        **kernel_flags(q_BTHD.dtype),
+    )
     return o_BTHD, lse_BHT
 
 
 @_flash_attention_fwd.register_fake
 def _(
-    q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, causal: bool, softmax_scale: float
+    q_BTHD: torch.Tensor,
+    k_BTKD: torch.Tensor,
+    v_BTKD: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seqlen, n_heads, _ = q_BTHD.shape
     return (
@@ -519,31 +586,70 @@ def _flash_attention_bwd(
     qk_scale = softmax_scale * LOG2E
 
     _attn_bwd_preprocess_kernel[(triton.cdiv(seqlen, PREPROCESS_BLOCK_M), batch * n_heads)](
-        o_BTHD, do_BTHD, delta_BHT, *_strides(o_BTHD), *_strides(do_BTHD), n_heads, seqlen,
-        HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M,
-    )  # fmt: skip
+        o_BTHD,
+        do_BTHD,
+        delta_BHT,
+        *_strides(o_BTHD),
+        *_strides(do_BTHD),
+        n_heads,
+        seqlen,
+        HEAD_DIM=head_dim,
+        BLOCK_M=PREPROCESS_BLOCK_M,
+    )
 
     def grid_kv(meta: dict) -> tuple[int, int]:
         return triton.cdiv(seqlen, meta["BLOCK_N"]), batch * n_kv_heads
 
     _attn_bwd_dkdv_kernel[grid_kv](
-        q_BTHD, k_BTKD, v_BTKD, do_BTHD, lse_BHT, delta_BHT, dk_BTKD, dv_BTKD,
-        *_strides(q_BTHD), *_strides(k_BTKD), *_strides(v_BTKD), *_strides(do_BTHD),
+        q_BTHD,
+        k_BTKD,
+        v_BTKD,
+        do_BTHD,
+        lse_BHT,
+        delta_BHT,
+        dk_BTKD,
+        dv_BTKD,
+        *_strides(q_BTHD),
+        *_strides(k_BTKD),
+        *_strides(v_BTKD),
+        *_strides(do_BTHD),
         *_strides(dk_BTKD),
-        n_heads, n_kv_heads, n_rep, seqlen, qk_scale, softmax_scale,
-        HEAD_DIM=head_dim, CAUSAL=causal, **flags,
-    )  # fmt: skip
+        n_heads,
+        n_kv_heads,
+        n_rep,
+        seqlen,
+        qk_scale,
+        softmax_scale,
+        HEAD_DIM=head_dim,
+        CAUSAL=causal,
+        **flags,
+    )
 
     def grid_q(meta: dict) -> tuple[int, int]:
         return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
 
     _attn_bwd_dq_kernel[grid_q](
-        q_BTHD, k_BTKD, v_BTKD, do_BTHD, lse_BHT, delta_BHT, dq_BTHD,
-        *_strides(q_BTHD), *_strides(k_BTKD), *_strides(v_BTKD), *_strides(do_BTHD),
+        q_BTHD,
+        k_BTKD,
+        v_BTKD,
+        do_BTHD,
+        lse_BHT,
+        delta_BHT,
+        dq_BTHD,
+        *_strides(q_BTHD),
+        *_strides(k_BTKD),
+        *_strides(v_BTKD),
+        *_strides(do_BTHD),
         *_strides(dq_BTHD),
-        n_heads, n_rep, seqlen, qk_scale, softmax_scale,
-        HEAD_DIM=head_dim, CAUSAL=causal, **flags,
-    )  # fmt: skip
+        n_heads,
+        n_rep,
+        seqlen,
+        qk_scale,
+        softmax_scale,
+        HEAD_DIM=head_dim,
+        CAUSAL=causal,
+        **flags,
+    )
     return dq_BTHD, dk_BTKD, dv_BTKD
 
 
@@ -558,7 +664,11 @@ def _(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return q_BTHD.new_empty(q_BTHD.shape), k_BTKD.new_empty(k_BTKD.shape), v_BTKD.new_empty(v_BTKD.shape)
+    return (
+        q_BTHD.new_empty(q_BTHD.shape),
+        k_BTKD.new_empty(k_BTKD.shape),
+        v_BTKD.new_empty(v_BTKD.shape),
+    )
 
 
 class FlashAttentionFunction(torch.autograd.Function):
@@ -580,7 +690,9 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o_BTHD
 
     @staticmethod
-    def backward(ctx, do_BTHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+    def backward(
+        ctx, do_BTHD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q_BTHD, k_BTKD, v_BTKD, o_BTHD, lse_BHT = ctx.saved_tensors
         dq, dk, dv = torch.ops.megalite.flash_attention_bwd(
             do_BTHD, q_BTHD, k_BTKD, v_BTKD, o_BTHD, lse_BHT, ctx.causal, ctx.softmax_scale

@@ -17,9 +17,10 @@ per-row scale (four matmuls). A forward without gradients (eval, no_grad) skips 
 
 Memory: the unfused path holds N x V logits, an fp32 copy for the softmax and an N x V gradient —
 at N = 8192 tokens and V = 128K in bf16 that is 2 GiB + 4 GiB + 2 GiB. The fused path holds one
-R x V chunk (R is chosen so the chunk is about the size of ``hidden``), the N x C and V x C
-gradients that autograd needs anyway, and a V x C fp32 accumulator while the forward runs for
-bf16/fp16 weights (accumulating per-chunk products in bf16 would add one rounding per chunk).
+R x V chunk (at least Liger-Kernel's size, about that of ``hidden``; at most 8 chunks while one
+stays under 256 MiB, since every chunk re-reads and re-writes the weight gradient), the N x C and
+V x C gradients that autograd needs anyway, and a V x C fp32 accumulator while the forward runs
+for bf16/fp16 weights (accumulating in bf16 would add one rounding per chunk).
 
 Not for vocab-sharded (tensor-parallel) output layers: the softmax normalizer would need an
 all-reduce across the shards; megalite's config refuses that combination.
@@ -31,16 +32,41 @@ from __future__ import annotations
 
 import torch
 import triton
-
 from megalite.kernels._utils import check_reduction, check_same_device, check_tensor
 from megalite.kernels.cross_entropy import check_target, forward_rows, reduce_loss
 
 OP = "fused_linear_cross_entropy"
 
 
-def chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk such that a chunk of logits is about as large as ``hidden`` (Liger's rule)."""
-    return triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab, hidden)))
+# Each chunk re-reads and re-writes the V x C weight-gradient accumulator, so tiny chunks turn the
+# backward into memory traffic; a few larger chunks cost little memory next to the full logits.
+MAX_CHUNKS = 8
+CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+def chunk_rows(n_rows: int, vocab: int, hidden: int, elem_size: int) -> int:
+    """Rows per chunk of logits: at least Liger-Kernel's rule (a chunk about as large as
+    ``hidden``), raised towards ``MAX_CHUNKS`` chunks while a chunk stays within
+    ``CHUNK_BUDGET_BYTES``."""
+    memory_rows = triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(vocab, hidden)))
+    budget_rows = max(1, CHUNK_BUDGET_BYTES // (vocab * elem_size))
+    few_chunks_rows = min(triton.next_power_of_2(triton.cdiv(n_rows, MAX_CHUNKS)), budget_rows)
+    return max(memory_rows, few_chunks_rows)
+
+
+def _accumulate_grad_weight(
+    acc_VC: torch.Tensor, dlogits_RV: torch.Tensor, hidden_RC: torch.Tensor
+) -> None:
+    """acc_VC (fp32) += dlogits_RV.T @ hidden_RC, without a V x C temporary where possible."""
+    if dlogits_RV.dtype == acc_VC.dtype:
+        acc_VC.addmm_(dlogits_RV.t(), hidden_RC)
+    elif acc_VC.is_cuda:
+        # bf16/fp16 tensor-core GEMM accumulating into the fp32 output in its epilogue.
+        torch.addmm(acc_VC, dlogits_RV.t(), hidden_RC, out_dtype=torch.float32, out=acc_VC)
+    else:
+        # CPU (the interpreter) has no mixed-dtype addmm: one rounded partial per chunk, summed
+        # in fp32.
+        acc_VC.add_(dlogits_RV.t() @ hidden_RC)
 
 
 def _chunked_pass(
@@ -62,7 +88,7 @@ def _chunked_pass(
         grad_weight_acc_VC = torch.zeros(
             vocab, n_hidden, dtype=torch.float32, device=weight_VC.device
         )
-    rows = chunk_rows(n_rows, vocab, n_hidden)
+    rows = chunk_rows(n_rows, vocab, n_hidden, hidden_NC.element_size())
     for start in range(0, n_rows, rows):
         end = min(start + rows, n_rows)
         hidden_RC = hidden_NC[start:end]
@@ -76,12 +102,7 @@ def _chunked_pass(
         if want_grad:
             dlogits_RV = logits_RV  # overwritten in place by the kernel
             torch.mm(dlogits_RV, weight_VC, out=grad_hidden_NC[start:end])
-            if weight_VC.dtype == torch.float32:
-                grad_weight_acc_VC.addmm_(dlogits_RV.t(), hidden_RC)
-            else:
-                # The product stays a tensor-core GEMM in bf16/fp16 (fp32 accumulation inside,
-                # one rounding of this chunk's partial); the sum across chunks is kept in fp32.
-                grad_weight_acc_VC.add_(dlogits_RV.t() @ hidden_RC)
+            _accumulate_grad_weight(grad_weight_acc_VC, dlogits_RV, hidden_RC)
     if not want_grad:
         return None
     return grad_hidden_NC, grad_weight_acc_VC.to(weight_VC.dtype)
@@ -164,8 +185,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         target_N: torch.Tensor,
         ignore_index: int,
         reduction: str,
+        needs_grad: bool,
     ) -> torch.Tensor:
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.grads_in_forward = needs_grad and reduction != "none"
         ctx.ignore_index = ignore_index
         loss_N, grad_hidden_NC, grad_weight_VC = torch.ops.megalite.fused_linear_cross_entropy_fwd(
@@ -179,15 +200,17 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+    def backward(
+        ctx, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         if ctx.grads_in_forward:
             grad_hidden_NC, grad_weight_VC = ctx.saved_tensors
-            return grad_hidden_NC * grad_loss, grad_weight_VC * grad_loss, None, None, None
+            return grad_hidden_NC * grad_loss, grad_weight_VC * grad_loss, None, None, None, None
         hidden_NC, weight_VC, target_N = ctx.saved_tensors
         grad_hidden_NC, grad_weight_VC = torch.ops.megalite.fused_linear_cross_entropy_bwd(
             hidden_NC, weight_VC, target_N, grad_loss, ctx.ignore_index
         )
-        return grad_hidden_NC, grad_weight_VC, None, None, None
+        return grad_hidden_NC, grad_weight_VC, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -218,7 +241,12 @@ def fused_linear_cross_entropy(
         )
     if not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
-    return FusedLinearCrossEntropyFunction.apply(hidden, weight, target, ignore_index, reduction)
+    # Decided here, not in forward(): inside an autograd.Function's forward grad mode is always
+    # off, so an eval pass under no_grad with trainable weights would still pay for gradients.
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, target, ignore_index, reduction, needs_grad
+    )
 
 
 __all__ = ["fused_linear_cross_entropy", "FusedLinearCrossEntropyFunction", "chunk_rows"]

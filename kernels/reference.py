@@ -28,9 +28,7 @@ def cross_entropy(
     """Token-level cross-entropy over (N, V) logits in fp32; "mean" averages non-ignored tokens."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r} is not supported; use 'mean', 'sum' or 'none'")
-    loss = F.cross_entropy(
-        logits.float(), target, ignore_index=ignore_index, reduction=reduction
-    )
+    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction=reduction)
     return loss
 
 

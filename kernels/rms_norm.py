@@ -8,9 +8,9 @@ Math, per row x of length C (fp32 inside the kernel whatever the input dtype):
 
 Memory traffic: eager PyTorch (upcast, pow, mean, rsqrt, mul, mul, downcast) reads and writes an
 N x C tensor about seven times forward and more backward, plus the fp32 temporaries autograd keeps.
-The fused forward reads x and w once and writes y plus one fp32 ``rstd`` per row; the backward reads
-x and dy once and writes dx once, with dw reduced in per-program fp32 partials (one wave of programs,
-each looping over its rows) and a tiny final sum. Saved for backward: x, w and N floats.
+The fused forward reads x and w once and writes y plus one fp32 ``rstd`` per row; the backward
+reads x and dy once and writes dx once, with dw reduced in per-program fp32 partials (one wave of
+programs, each looping over its rows) and a tiny final sum. Saved for backward: x, w, N floats.
 
 Shape legend: N rows (all leading dims flattened), C hidden size, P backward programs.
 """
@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from megalite.kernels._utils import INTERPRET, check_same_device, check_tensor, num_programs_cap
+from megalite.kernels._utils import check_same_device, check_tensor, num_programs_cap
 
 OP = "rms_norm"
 MAX_HIDDEN = 16384  # one row is one block; wider rows would spill registers heavily
@@ -106,15 +105,25 @@ def launch_params(n_cols: int) -> tuple[int, int]:
 
 
 @torch.library.custom_op("megalite::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(x_NC: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd(
+    x_NC: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x_NC.shape
     y_NC = torch.empty_like(x_NC)
     rstd_N = torch.empty(n_rows, dtype=torch.float32, device=x_NC.device)
     block, num_warps = launch_params(n_cols)
     _rms_norm_fwd_kernel[(n_rows,)](
-        x_NC, weight, y_NC, rstd_N, x_NC.stride(0), y_NC.stride(0), n_cols, eps,
-        BLOCK_C=block, num_warps=num_warps,
-    )  # fmt: skip
+        x_NC,
+        weight,
+        y_NC,
+        rstd_N,
+        x_NC.stride(0),
+        y_NC.stride(0),
+        n_cols,
+        eps,
+        BLOCK_C=block,
+        num_warps=num_warps,
+    )
     return y_NC, rstd_N
 
 
@@ -135,11 +144,21 @@ def _rms_norm_bwd(
     dw_partial_PC = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x_NC.device)
     block, num_warps = launch_params(n_cols)
     _rms_norm_bwd_kernel[(n_programs,)](
-        dy_NC, x_NC, weight, rstd_N, dx_NC, dw_partial_PC,
-        dy_NC.stride(0), x_NC.stride(0), dx_NC.stride(0),
-        n_rows, n_cols, rows_per_program,
-        BLOCK_C=block, num_warps=num_warps,
-    )  # fmt: skip
+        dy_NC,
+        x_NC,
+        weight,
+        rstd_N,
+        dx_NC,
+        dw_partial_PC,
+        dy_NC.stride(0),
+        x_NC.stride(0),
+        dx_NC.stride(0),
+        n_rows,
+        n_cols,
+        rows_per_program,
+        BLOCK_C=block,
+        num_warps=num_warps,
+    )
     return dx_NC, dw_partial_PC.sum(0).to(weight.dtype)
 
 
@@ -186,4 +205,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return y_NC.view(x.shape)
 
 
-__all__ = ["rms_norm", "RMSNormFunction", "launch_params", "INTERPRET"]
+__all__ = ["rms_norm", "RMSNormFunction", "launch_params"]

@@ -12,9 +12,24 @@ FLOP convention (the PaLM paper's, appendix B; also Megatron-LM's and torchtitan
   2 matmuls x 2 FLOPs x T x dim per token per layer x 3. No causal halving: a causal kernel does
   about half that work, so this convention overstates attention FLOPs by up to 2x (it matches the
   numbers published by PaLM, Megatron-LM and torchtitan, which is the point of an MFU).
-- Activation recompute is not counted (that would be HFU, hardware FLOPs).
+- Activation recompute is not counted here: that is HFU, below.
 
-MFU = achieved model FLOP/s per device / peak dense bf16 FLOP/s of that device.
+Hardware FLOPs per token (`hardware_flops_per_token`) add what activation checkpointing runs
+again in backward. `full` re-runs every block's forward: + 2 * N_blocks + 4 * n_layers * dim *
+seq_len (N_blocks = N_matmul without the output head, which is outside the checkpointed blocks),
+i.e. the blocks count 8x instead of 6x (Megatron-LM's "with recompute" formula). `selective`
+keeps the matmul and attention outputs and recomputes only elementwise ops, so it adds no matmul
+FLOPs. Elementwise FLOPs (norms, RoPE, SiLU, softmax) are excluded from both counts.
+
+MFU = achieved model FLOP/s per device / peak dense bf16 FLOP/s of that device;
+HFU = achieved hardware FLOP/s per device / the same peak. Without recompute they are equal.
+
+Peak detection: the CUDA device name (`torch.cuda.get_device_name`) is matched, lower-cased, as a
+whole word against the keys of `PEAK_BF16_TFLOPS` (first match wins; `logging.peak_tflops`
+overrides). On a GPU a short GEMM probe (bf16 4096^3 matmuls) measures the achieved matmul
+TFLOP/s at start-up and warns when the table looks wrong: a probe above the peak (an MFU over
+100 % would follow), far below it (another variant of the card, or a throttled or shared GPU),
+or a device missing from the table. CPUs and unknown devices use the measured GEMM peak.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +61,26 @@ def matmul_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) by the convention in the module docstring."""
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+AC_MODES = ("none", "selective", "full")
+
+
+def hardware_flops_per_token(
+    cfg: ModelConfig, seq_len: int, activation_checkpointing: str = "none"
+) -> float:
+    """Training FLOPs per token actually executed, with the forward recompute of activation
+    checkpointing (`parallel.activation_checkpointing`); the numerator of HFU."""
+    if activation_checkpointing not in AC_MODES:
+        raise ValueError(
+            f"parallel.activation_checkpointing={activation_checkpointing!r} is not one of "
+            f"{', '.join(AC_MODES)}"
+        )
+    model = flops_per_token(cfg, seq_len)
+    if activation_checkpointing != "full":
+        return model
+    block_matmul = matmul_params(cfg) - cfg.dim * cfg.vocab_size
+    return model + 2.0 * block_matmul + 4.0 * cfg.n_layers * cfg.dim * seq_len
 
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets. Matched in
@@ -70,13 +106,45 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
-def lookup_peak_tflops(device_name: str) -> float | None:
-    """The table's entry for a device name such as 'NVIDIA H100 80GB HBM3', or None."""
+# Dense fp8 (E4M3/E5M2) tensor-core peak, TFLOP/s, for the devices that have fp8 (Hopper,
+# Blackwell, Ada, MI300): twice the bf16 peak on each of them. A100, A10 and MI250X have none.
+PEAK_FP8_TFLOPS: dict[str, float] = {
+    "gh200": 1978.9,
+    "h200": 1978.9,
+    "h100 nvl": 1670.0,
+    "h100 pcie": 1513.0,
+    "h100": 1978.9,
+    "h800": 1978.9,
+    "b200": 4500.0,
+    "gb200": 5000.0,
+    "l40s": 733.0,
+    "l4": 242.0,
+    "mi300x": 2614.9,
+    "mi325x": 2614.9,
+}
+PRECISIONS = ("bf16", "fp8")
+
+
+def match_device(device_name: str) -> str | None:
+    """The key of `PEAK_BF16_TFLOPS` that a device name matches as a whole word, or None."""
     name = device_name.lower()
-    for key, tflops in PEAK_BF16_TFLOPS:
+    for key, _ in PEAK_BF16_TFLOPS:
         if re.search(rf"(^|[^a-z0-9]){re.escape(key)}([^a-z0-9]|$)", name):
-            return tflops
+            return key
     return None
+
+
+def lookup_peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
+    """The table's dense peak for a device name such as 'NVIDIA H100 80GB HBM3', or None (a
+    device missing from the table, or one without fp8 when precision='fp8')."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    key = match_device(device_name)
+    if key is None:
+        return None
+    if precision == "fp8":
+        return PEAK_FP8_TFLOPS.get(key)
+    return dict(PEAK_BF16_TFLOPS)[key]
 
 
 def measure_matmul_tflops(
@@ -87,16 +155,30 @@ def measure_matmul_tflops(
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up (allocations, kernel selection)
+    # A GPU matmul takes well under a millisecond: time several between synchronizations so the
+    # launch and sync overhead does not count.
+    inner = 10 if device.type == "cuda" else 1
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        a @ b
+        for _ in range(inner):
+            a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / inner)
     return 2 * n**3 / min(times) / 1e12
+
+
+class PeakWarning(UserWarning):
+    """The peak FLOP/s that MFU divides by looks wrong for this device."""
+
+
+# A probe below this fraction of the table's peak suggests the wrong table entry (e.g. an SXM
+# peak for a PCIe card) or a throttled or shared GPU: a large bf16 GEMM reaches 60-90 % of the
+# datasheet peak on the GPUs in the table (MI300X ~45 %).
+PROBE_LOW_FRACTION = 0.3
 
 
 @dataclass
@@ -104,14 +186,61 @@ class Peak:
     tflops: float
     source: str  # "table", "config" or "measured"
     device_name: str
+    # Achieved bf16 GEMM TFLOP/s of the start-up probe (None when it did not run).
+    probe_tflops: float | None = None
 
     @property
     def label(self) -> str:
-        return {
+        base = {
             "table": f"vs {self.device_name} datasheet bf16 peak {self.tflops:g} TFLOP/s",
             "config": f"vs configured peak {self.tflops:g} TFLOP/s",
             "measured": f"vs measured {self.device_name} GEMM peak {self.tflops:.3g} TFLOP/s",
         }[self.source]
+        if self.probe_tflops is not None and self.source != "measured":
+            base += (
+                f" (GEMM probe {self.probe_tflops:.3g} TFLOP/s = "
+                f"{100 * self.probe_tflops / self.tflops:.0f}% of it)"
+            )
+        return base
+
+
+def peak_warnings(peak: Peak, on_gpu: bool) -> list[str]:
+    """Why the peak MFU divides by looks wrong, if it does (empty list: it looks right)."""
+    out = []
+    fix = "set logging.peak_tflops=<the datasheet's dense bf16 TFLOP/s for this device>"
+    what = {"table": "the peak table's entry", "config": "logging.peak_tflops"}.get(peak.source)
+    if on_gpu and peak.source == "measured":
+        out.append(
+            f"device {peak.device_name!r} is not in megalite's peak table "
+            "(megalite/metrics.py PEAK_BF16_TFLOPS), so MFU divides by the measured GEMM peak "
+            f"{peak.tflops:.3g} TFLOP/s and reads higher than a datasheet MFU; {fix}"
+        )
+    if peak.probe_tflops is not None and what is not None:
+        if peak.probe_tflops > peak.tflops:
+            out.append(
+                f"the GEMM probe reached {peak.probe_tflops:.4g} TFLOP/s on "
+                f"{peak.device_name!r}, above {what} ({peak.tflops:g} TFLOP/s): MFU would exceed "
+                f"100 %; {fix}"
+            )
+        elif on_gpu and peak.probe_tflops < PROBE_LOW_FRACTION * peak.tflops:
+            out.append(
+                f"the GEMM probe reached only {peak.probe_tflops:.4g} TFLOP/s on "
+                f"{peak.device_name!r}, {100 * peak.probe_tflops / peak.tflops:.0f}% of "
+                f"{what} ({peak.tflops:g} TFLOP/s): another variant of the card (SXM vs PCIe), "
+                f"or a throttled or shared GPU; if the entry is wrong, {fix}"
+            )
+    return out
+
+
+def mfu_warning(mfu: float, peak: Peak) -> str | None:
+    """A measured MFU over 100 % means the peak is wrong (or the FLOP count is)."""
+    if mfu <= 1.0:
+        return None
+    return (
+        f"MFU {100 * mfu:.0f}% exceeds 100 % of the {peak.source} peak {peak.tflops:.4g} TFLOP/s "
+        f"on {peak.device_name!r}: the peak is too low; set logging.peak_tflops to the device's "
+        "dense bf16 peak"
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -123,15 +252,29 @@ def device_name(device: torch.device) -> str:
 
 
 def resolve_peak(device: torch.device, dtype: torch.dtype, override: float | None) -> Peak:
-    """Configured peak, else the table for known GPUs, else a measured matmul peak (CPUs)."""
+    """Configured peak, else the table for known GPUs, else a measured matmul peak (CPUs).
+
+    On a GPU a short bf16 GEMM probe always runs, and a `PeakWarning` is issued when the peak
+    looks wrong against it (`peak_warnings`). On a CPU the probe runs only when no peak is
+    configured (it is then the peak itself)."""
     name = device_name(device)
+    on_gpu = device.type == "cuda"
+    probe = None
+    if on_gpu:
+        probe = measure_matmul_tflops(device, torch.bfloat16, n=4096, repeats=10)
+    elif override is None:
+        probe = measure_matmul_tflops(device, dtype)
+    table = lookup_peak_tflops(name) if on_gpu else None
     if override is not None:
-        return Peak(override, "config", name)
-    if device.type == "cuda":
-        table = lookup_peak_tflops(name)
-        if table is not None:
-            return Peak(table, "table", name)
-    return Peak(measure_matmul_tflops(device, dtype), "measured", name)
+        peak = Peak(override, "config", name, probe)
+    elif table is not None:
+        peak = Peak(table, "table", name, probe)
+    else:
+        assert probe is not None
+        peak = Peak(probe, "measured", name, probe)
+    for msg in peak_warnings(peak, on_gpu):
+        warnings.warn(msg, PeakWarning, stacklevel=2)
+    return peak
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -140,6 +283,21 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kb / 2**20
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Restarts the peak that `peak_memory_gb` reports from the current usage, so one process can
+    measure several runs (a benchmark grid). On a CPU this resets the process's peak RSS through
+    /proc/self/clear_refs (Linux); returns False where that is not possible."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------- sinks

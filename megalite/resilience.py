@@ -20,7 +20,6 @@ import faulthandler
 import math
 import os
 import signal
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass

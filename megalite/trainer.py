@@ -37,15 +37,6 @@ from megalite.metrics import (
 from megalite.model.transformer import Transformer, count_params
 from megalite.optim import build_optimizer, lr_at
 from megalite.parallel.dims import ParallelDims
-from megalite.resilience import (
-    PREEMPTED,
-    LossGuard,
-    StopSignals,
-    Verdict,
-    Watchdog,
-    failpoint,
-    poisoned,
-)
 from megalite.parallel.distributed import (
     all_reduce_max,
     all_reduce_mean,
@@ -56,6 +47,15 @@ from megalite.parallel.distributed import (
     world_size_from_env,
 )
 from megalite.parallel.parallelize import parallelize, unwrap
+from megalite.resilience import (
+    PREEMPTED,
+    LossGuard,
+    StopSignals,
+    Verdict,
+    Watchdog,
+    failpoint,
+    poisoned,
+)
 
 
 class TrainingError(RuntimeError):

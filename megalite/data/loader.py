@@ -118,11 +118,24 @@ def _dataset_class():
 
     class MegaliteDataset(StreamingDataset):
         def __init__(self, *, sources: list[Source], **kwargs) -> None:
-            super().__init__(**kwargs)
+            import torch.distributed as dist
+
+            distributed = dist.is_available() and dist.is_initialized()
+            leader = _local_rank() == 0
+            # The local leader registers the shared-memory prefix that all local ranks then
+            # look up; no other megalite job may register one meanwhile (see shm.py).
+            with shm.registration_lock(hold=leader):
+                if leader:
+                    shm.clean_stale()
+                if distributed:
+                    dist.barrier()
+                super().__init__(**kwargs)
+                if leader:
+                    shm.record_owner(self._shm_prefix_int)
+                if distributed:
+                    dist.barrier()
             self.sources = sources
             self._failure: str | None = None
-            if _local_rank() == 0:
-                shm.record_owner(self._shm_prefix_int)
 
         def _explain(self, shard_id: int, error: BaseException) -> str:
             stream_id = int(self.stream_per_shard[shard_id])
@@ -181,8 +194,6 @@ def _open(cfg: DataConfig, split: str, **kwargs):
         sources = [s for s in sources if _has_split(cfg, s, split)]
         if not sources:
             return None
-    if _local_rank() == 0:
-        shm.clean_stale()
     streams = [
         Stream(
             remote=s.remote,
@@ -211,16 +222,15 @@ class Batch:
     doc_ids: torch.Tensor | None = None
 
 
-def doc_ids_from_starts(starts: list[np.ndarray], seq_len: int) -> torch.Tensor:
+def doc_ids_from_starts(starts: list[list[int]], seq_len: int) -> torch.Tensor:
     """Document index per input position from each sample's document start offsets."""
     marks = np.zeros((len(starts), seq_len), np.int32)
     for row, s in zip(marks, starts):
-        s = s[(s > 0) & (s < seq_len)]
-        row[s] = 1
+        row[[p for p in s if 0 < p < seq_len]] = 1
     return torch.from_numpy(np.cumsum(marks, axis=1, dtype=np.int32))
 
 
-def collate(samples: list[dict]) -> tuple[torch.Tensor, list[np.ndarray] | None]:
+def collate(samples: list[dict]) -> tuple[torch.Tensor, list[list[int]] | None]:
     """int64 (B, seq_len + 1) tokens (a copy: the shard arrays are read-only views) and the
     document starts when the shards have them."""
     tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))

@@ -70,8 +70,15 @@ def apply_rope(x_BTHD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     Hugging Face Llama checkpoints (Meta's original checkpoints interleave pairs instead; the
     converter permutes q/k weights between the two)."""
     t = x_BTHD.shape[1]
-    cos = rope[0, :t, None, :]
-    sin = rope[1, :t, None, :]
+    return _rotate(x_BTHD, rope[0, :t, None, :], rope[1, :t, None, :])
+
+
+def apply_rope_at(x_BTHD: torch.Tensor, rope: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` at explicit positions per sequence (incremental decoding, left padding)."""
+    return _rotate(x_BTHD, rope[0][pos_BT][:, :, None, :], rope[1][pos_BT][:, :, None, :])
+
+
+def _rotate(x_BTHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x_BTHD.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.type_as(x_BTHD)
@@ -82,6 +89,18 @@ def _sdpa(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> t
     q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTKD, v_BTKD))
     out_BHTD = F.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out_BHTD.transpose(1, 2)
+
+
+def _sdpa_masked(
+    q_BTHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor, mask_BTS: torch.Tensor
+) -> torch.Tensor:
+    """Attention of T new queries over S cached keys under an explicit boolean mask: causal
+    kernels (triton, flash-attn) assume queries and keys start at the same position."""
+    q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BSKD, v_BSKD))
+    out_BHTD = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask_BTS[:, None], enable_gqa=q.shape[1] != k.shape[1]
     )
     return out_BHTD.transpose(1, 2)
 
@@ -124,15 +143,92 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self._attention = attention
 
-    def forward(self, x_BTC: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTC: torch.Tensor,
+        rope: torch.Tensor,
+        cache: KVCache | None = None,
+        layer_id: int = 0,
+    ) -> torch.Tensor:
         b, t, _ = x_BTC.shape
         # -1 instead of the head counts: under tensor parallelism each rank holds a slice of heads.
         q_BTHD = self.wq(x_BTC).view(b, t, -1, self.head_dim)
         k_BTKD = self.wk(x_BTC).view(b, t, -1, self.head_dim)
         v_BTKD = self.wv(x_BTC).view(b, t, -1, self.head_dim)
-        q_BTHD, k_BTKD = apply_rope(q_BTHD, rope), apply_rope(k_BTKD, rope)
-        out_BTHD = self._attention(q_BTHD, k_BTKD, v_BTKD)
+        if cache is None:
+            q_BTHD, k_BTKD = apply_rope(q_BTHD, rope), apply_rope(k_BTKD, rope)
+            out_BTHD = self._attention(q_BTHD, k_BTKD, v_BTKD)
+        else:
+            q_BTHD = apply_rope_at(q_BTHD, rope, cache.pos_BT)
+            k_BTKD = apply_rope_at(k_BTKD, rope, cache.pos_BT)
+            k_BSKD, v_BSKD = cache.update(layer_id, k_BTKD, v_BTKD)
+            out_BTHD = _sdpa_masked(q_BTHD, k_BSKD, v_BSKD, cache.mask_BTS)
         return self.wo(out_BTHD.reshape(b, t, -1))
+
+
+# ----------------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys and values of the positions decoded so far, for incremental decoding (used by
+    megalite.generate; training never builds one).
+
+    Slots 0..max_len-1 hold one token each, for every sequence of the batch. Prompts of different
+    lengths are left-padded: sequence b's first `pad_B[b]` slots are padding, its token in slot s
+    sits at position s - pad_B[b], and no real query ever attends to a padding slot. S below is
+    the number of slots filled so far.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        pad_B: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        self.k_LBSKD = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_LBSKD = torch.zeros(shape, dtype=dtype, device=device)
+        self.pad_B = (
+            torch.zeros(batch, dtype=torch.long, device=device)
+            if pad_B is None
+            else pad_B.to(device=device, dtype=torch.long)
+        )
+        self.max_len = max_len
+        self.filled = 0
+        # Set by `begin` for the tokens of the current forward.
+        self.pos_BT = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.mask_BTS = torch.zeros(batch, 0, 0, dtype=torch.bool, device=device)
+
+    def begin(self, t: int) -> None:
+        """Positions and attention mask for the next t tokens (slots filled..filled+t-1)."""
+        if self.filled + t > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} slots cannot take {t} more tokens")
+        device = self.pad_B.device
+        slots_T = torch.arange(self.filled, self.filled + t, device=device)
+        keys_S = torch.arange(self.filled + t, device=device)
+        self.pos_BT = (slots_T[None, :] - self.pad_B[:, None]).clamp(min=0)
+        causal_TS = keys_S[None, :] <= slots_T[:, None]
+        real_BS = keys_S[None, :] >= self.pad_B[:, None]
+        # A padding query sees only itself: an all-masked row would give NaN, and NaN values in
+        # padding slots would leak into real rows (0 * NaN) in the next layer.
+        own_TS = keys_S[None, :] == slots_T[:, None]
+        self.mask_BTS = causal_TS[None] & (real_BS[:, None, :] | own_TS[None])
+
+    def update(
+        self, layer_id: int, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores this layer's new keys and values; returns all of them so far (B, S, K, D)."""
+        end = self.filled + k_BTKD.shape[1]
+        self.k_LBSKD[layer_id, :, self.filled : end] = k_BTKD
+        self.v_LBSKD[layer_id, :, self.filled : end] = v_BTKD
+        return self.k_LBSKD[layer_id, :, :end], self.v_LBSKD[layer_id, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.filled += t
 
 
 # ---------------------------------------------------------------------------------------- MLP

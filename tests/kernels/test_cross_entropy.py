@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from megalite.kernels import reference
 from megalite.kernels.cross_entropy import cross_entropy
 
@@ -23,7 +22,9 @@ def _targets(n_rows: int, vocab: int, ignore_index: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize(("n_rows", "vocab"), [(37, 300), (13, 97)], ids=["37x300", "13x97"])
-def test_matches_reference(n_rows: int, vocab: int, reduction: str, dtype: torch.dtype, check_close) -> None:
+def test_matches_reference(
+    n_rows: int, vocab: int, reduction: str, dtype: torch.dtype, check_close
+) -> None:
     logits = (4 * torch.randn(n_rows, vocab)).to(dtype)
     target = _targets(n_rows, vocab, -100)
     grad = torch.randn(n_rows) if reduction == "none" else torch.tensor(1.7)
@@ -62,13 +63,17 @@ def test_custom_ignore_index() -> None:
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(xk.grad, x32.grad)
-    assert not torch.allclose(loss, reference.cross_entropy(logits, target)), "ignore_index had no effect"
+    assert not torch.allclose(loss, reference.cross_entropy(logits, target)), (
+        "ignore_index had no effect"
+    )
 
 
 def test_all_ignored_mean_is_nan_like_pytorch() -> None:
     logits = torch.randn(6, 40)
     target = torch.full((6,), -100)
-    assert torch.isnan(cross_entropy(logits, target)) and torch.isnan(F.cross_entropy(logits, target))
+    assert torch.isnan(cross_entropy(logits, target)) and torch.isnan(
+        F.cross_entropy(logits, target)
+    )
     assert cross_entropy(logits, target, reduction="sum").item() == 0.0
 
 
@@ -84,14 +89,51 @@ def test_large_logits_are_stable() -> None:
 @pytest.mark.parametrize(
     ("make_args", "kwargs", "error", "match"),
     [
-        (lambda: (torch.randn(4, 10), torch.zeros(5, dtype=torch.long)), {}, ValueError, r"target.shape=\(5,\) must be \(4,\)"),
-        (lambda: (torch.randn(4, 10), torch.zeros(4)), {}, TypeError, r"target.dtype=torch.float32"),
-        (lambda: (torch.randn(2, 4, 10), torch.zeros(8, dtype=torch.long)), {}, ValueError, r"logits must have 2 dims"),
-        (lambda: (torch.randn(10, 4).t(), torch.zeros(4, dtype=torch.long)), {}, ValueError, r"logits must be contiguous"),
-        (lambda: (torch.randn(4, 10), torch.zeros(4, dtype=torch.long)), {"reduction": "avg"}, ValueError, r"reduction='avg'"),
-        (lambda: (torch.randn(4, 10), torch.zeros(4, dtype=torch.long)), {"ignore_index": 1.5}, TypeError, r"ignore_index must be an int"),
+        (
+            lambda: (torch.randn(4, 10), torch.zeros(5, dtype=torch.long)),
+            {},
+            ValueError,
+            r"target.shape=\(5,\) must be \(4,\)",
+        ),
+        (
+            lambda: (torch.randn(4, 10), torch.zeros(4)),
+            {},
+            TypeError,
+            r"target.dtype=torch.float32",
+        ),
+        (
+            lambda: (torch.randn(2, 4, 10), torch.zeros(8, dtype=torch.long)),
+            {},
+            ValueError,
+            r"logits must have 2 dims",
+        ),
+        (
+            lambda: (torch.randn(10, 4).t(), torch.zeros(4, dtype=torch.long)),
+            {},
+            ValueError,
+            r"logits must be contiguous",
+        ),
+        (
+            lambda: (torch.randn(4, 10), torch.zeros(4, dtype=torch.long)),
+            {"reduction": "avg"},
+            ValueError,
+            r"reduction='avg'",
+        ),
+        (
+            lambda: (torch.randn(4, 10), torch.zeros(4, dtype=torch.long)),
+            {"ignore_index": 1.5},
+            TypeError,
+            r"ignore_index must be an int",
+        ),
     ],
-    ids=["target-rows", "float-target", "3d-logits", "non-contiguous", "bad-reduction", "float-ignore-index"],
+    ids=[
+        "target-rows",
+        "float-target",
+        "3d-logits",
+        "non-contiguous",
+        "bad-reduction",
+        "float-ignore-index",
+    ],
 )
 def test_bad_inputs_raise_clear_errors(make_args, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):

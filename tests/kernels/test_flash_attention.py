@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from megalite.kernels import reference
 from megalite.kernels.flash_attention import flash_attention
 
@@ -55,7 +54,9 @@ def _run_and_check(batch, seqlen, n_heads, n_kv, head_dim, dtype, causal, check_
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize(("n_heads", "n_kv"), [(2, 2), (4, 2), (4, 1)], ids=["mha", "gqa2", "gqa4"])
-def test_head_dim_64(n_heads: int, n_kv: int, causal: bool, dtype: torch.dtype, check_close) -> None:
+def test_head_dim_64(
+    n_heads: int, n_kv: int, causal: bool, dtype: torch.dtype, check_close
+) -> None:
     _run_and_check(2, 53, n_heads, n_kv, 64, dtype, causal, check_close)
 
 
@@ -100,16 +101,73 @@ def test_causal_output_ignores_future_keys() -> None:
 @pytest.mark.parametrize(
     ("make_args", "kwargs", "error", "match"),
     [
-        (lambda: (torch.randn(1, 8, 3, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64)), {}, ValueError, r"query heads 3 must be a multiple of kv heads 2"),
-        (lambda: (torch.randn(1, 8, 2, 48), torch.randn(1, 8, 2, 48), torch.randn(1, 8, 2, 48)), {}, ValueError, r"head_dim=48 is not supported"),
-        (lambda: (torch.randn(1, 8, 2, 64), torch.randn(1, 9, 2, 64), torch.randn(1, 9, 2, 64)), {}, ValueError, r"k.shape=\(1, 9, 2, 64\) must be \(1, 8, kv_heads, 64\)"),
-        (lambda: (torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 1, 64)), {}, ValueError, r"k.shape=\(1, 8, 2, 64\) and v.shape=\(1, 8, 1, 64\) must match"),
-        (lambda: (torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64).half(), torch.randn(1, 8, 2, 64)), {}, TypeError, r"dtypes must match"),
-        (lambda: (torch.randn(8, 2, 64), torch.randn(8, 2, 64), torch.randn(8, 2, 64)), {}, ValueError, r"q must have 4 dims"),
-        (lambda: (torch.randn(1, 8, 64, 2).transpose(-1, -2), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64)), {}, ValueError, r"q must be contiguous in its last"),
-        (lambda: (torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64)), {"softmax_scale": -1.0}, ValueError, r"softmax_scale=-1.0"),
+        (
+            lambda: (torch.randn(1, 8, 3, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64)),
+            {},
+            ValueError,
+            r"query heads 3 must be a multiple of kv heads 2",
+        ),
+        (
+            lambda: (torch.randn(1, 8, 2, 48), torch.randn(1, 8, 2, 48), torch.randn(1, 8, 2, 48)),
+            {},
+            ValueError,
+            r"head_dim=48 is not supported",
+        ),
+        (
+            lambda: (torch.randn(1, 8, 2, 64), torch.randn(1, 9, 2, 64), torch.randn(1, 9, 2, 64)),
+            {},
+            ValueError,
+            r"k.shape=\(1, 9, 2, 64\) must be \(1, 8, kv_heads, 64\)",
+        ),
+        (
+            lambda: (torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 1, 64)),
+            {},
+            ValueError,
+            r"k.shape=\(1, 8, 2, 64\) and v.shape=\(1, 8, 1, 64\) must match",
+        ),
+        (
+            lambda: (
+                torch.randn(1, 8, 2, 64),
+                torch.randn(1, 8, 2, 64).half(),
+                torch.randn(1, 8, 2, 64),
+            ),
+            {},
+            TypeError,
+            r"dtypes must match",
+        ),
+        (
+            lambda: (torch.randn(8, 2, 64), torch.randn(8, 2, 64), torch.randn(8, 2, 64)),
+            {},
+            ValueError,
+            r"q must have 4 dims",
+        ),
+        (
+            lambda: (
+                torch.randn(1, 8, 64, 2).transpose(-1, -2),
+                torch.randn(1, 8, 2, 64),
+                torch.randn(1, 8, 2, 64),
+            ),
+            {},
+            ValueError,
+            r"q must be contiguous in its last",
+        ),
+        (
+            lambda: (torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64)),
+            {"softmax_scale": -1.0},
+            ValueError,
+            r"softmax_scale=-1.0",
+        ),
     ],
-    ids=["heads-not-multiple", "head-dim", "seq-mismatch", "kv-mismatch", "dtype-mismatch", "3d", "strided-head-dim", "bad-scale"],
+    ids=[
+        "heads-not-multiple",
+        "head-dim",
+        "seq-mismatch",
+        "kv-mismatch",
+        "dtype-mismatch",
+        "3d",
+        "strided-head-dim",
+        "bad-scale",
+    ],
 )
 def test_bad_inputs_raise_clear_errors(make_args, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):

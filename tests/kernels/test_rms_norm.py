@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from megalite.kernels import reference
 from megalite.kernels.rms_norm import rms_norm
 
@@ -55,7 +54,11 @@ def test_fp32_weight_with_bf16_input(check_close) -> None:
     xk, wk = _leaves(x, w)
     yk = rms_norm(xk, wk)
     yk.backward(dy)
-    assert (yk.dtype, xk.grad.dtype, wk.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert (yk.dtype, xk.grad.dtype, wk.grad.dtype) == (
+        torch.bfloat16,
+        torch.bfloat16,
+        torch.float32,
+    )
     x32, w32 = _leaves(x.float(), w)
     y32 = reference.rms_norm(x32, w32)
     y32.backward(dy.float())
@@ -78,14 +81,29 @@ def test_eps_is_used() -> None:
 @pytest.mark.parametrize(
     ("make_args", "error", "match"),
     [
-        (lambda: (torch.randn(4, 8), torch.randn(7)), ValueError, r"x.shape=\(4, 8\) must end in weight's size 7"),
+        (
+            lambda: (torch.randn(4, 8), torch.randn(7)),
+            ValueError,
+            r"x.shape=\(4, 8\) must end in weight's size 7",
+        ),
         (lambda: (torch.randn(4, 8), torch.randn(2, 4)), ValueError, r"weight must have 1 dims"),
         (lambda: (torch.randint(0, 3, (4, 8)), torch.randn(8)), TypeError, r"x.dtype=torch.int64"),
         (lambda: (torch.randn(8, 4).t(), torch.randn(8)), ValueError, r"x must be contiguous"),
         (lambda: ([1.0, 2.0], torch.randn(2)), TypeError, r"x must be a torch.Tensor, got list"),
-        (lambda: (torch.randn(4, 8, device="meta"), torch.randn(8, device="meta")), ValueError, r"x is on meta"),
+        (
+            lambda: (torch.randn(4, 8, device="meta"), torch.randn(8, device="meta")),
+            ValueError,
+            r"x is on meta",
+        ),
     ],
-    ids=["hidden-mismatch", "weight-2d", "int-input", "non-contiguous", "not-a-tensor", "wrong-device"],
+    ids=[
+        "hidden-mismatch",
+        "weight-2d",
+        "int-input",
+        "non-contiguous",
+        "not-a-tensor",
+        "wrong-device",
+    ],
 )
 def test_bad_inputs_raise_clear_errors(make_args, error, match) -> None:
     with pytest.raises(error, match=match):

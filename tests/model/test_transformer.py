@@ -11,6 +11,7 @@ import torch
 from megalite.kernels import reference
 
 from megalite.config import ModelConfig
+from megalite.interop.llama_hf import hf_name
 from megalite.model.layers import BackendUnavailableError, attention_fn
 from megalite.model.transformer import Transformer, build_model, count_params
 
@@ -116,29 +117,8 @@ def test_logits_match_transformers_llama(tied, n_kv):
         mlp_bias=False,
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    names = {
-        "tok_embeddings": "model.embed_tokens",
-        "norm": "model.norm",
-        "output": "lm_head",
-        "attention.wq": "self_attn.q_proj",
-        "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
-    hf_sd = {}
-    for name, tensor in ours.state_dict().items():
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            mod, leaf = rest.rsplit(".", 1)
-            hf_sd[f"model.layers.{i}.{names[mod]}.{leaf}"] = tensor
-        else:
-            mod, leaf = name.rsplit(".", 1)
-            hf_sd[f"{names[mod]}.{leaf}"] = tensor
+    # The converter's name table (megalite.interop.llama_hf), so the two cannot drift apart.
+    hf_sd = {hf_name(name): tensor for name, tensor in ours.state_dict().items()}
     missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     x = torch.randint(0, cfg.vocab_size, (2, 23))
