@@ -43,9 +43,9 @@ def compose_config(overrides: list[str]) -> Config:
 
 
 def fail(msg: str) -> None:
-    rank = os.environ.get("RANK", "0")
-    prefix = "megalite-train: error: " if rank == "0" else f"megalite-train[rank {rank}]: error: "
-    print(prefix + msg, file=sys.stderr, flush=True)
+    """One clear message (rank 0 only: every rank finds the same problems) and exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print("megalite-train: error: " + msg, file=sys.stderr, flush=True)
     sys.exit(2)
 
 

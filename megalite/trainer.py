@@ -23,8 +23,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megalite import checkpoint
-from megalite.config import Config, ConfigError, check_world_size
-from megalite.data.loader import TrainStream, ValSet, check_dataset
+from megalite.config import Config
+from megalite.data.loader import TrainStream, ValSet
 from megalite.metrics import (
     MetricsLogger,
     flops_per_token,
@@ -36,7 +36,6 @@ from megalite.metrics import (
 )
 from megalite.model.transformer import Transformer, count_params
 from megalite.optim import build_optimizer, lr_at
-from megalite.parallel.dims import ParallelDims
 from megalite.parallel.distributed import (
     all_reduce_max,
     all_reduce_mean,
@@ -47,6 +46,7 @@ from megalite.parallel.distributed import (
     world_size_from_env,
 )
 from megalite.parallel.parallelize import parallelize, unwrap
+from megalite.preflight import preflight
 from megalite.resilience import (
     PREEMPTED,
     LossGuard,
@@ -60,30 +60,6 @@ from megalite.resilience import (
 
 class TrainingError(RuntimeError):
     """The run cannot continue; the message says why and what to change."""
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint to start from per `train.resume`, or None for a fresh run. Refuses to start
-    a fresh run in a run dir that already holds one, so nothing written before is overwritten."""
-    run_dir = Path(cfg.train.run_dir)
-    resume = cfg.train.resume
-    if resume == "none":
-        existing = checkpoint.newest_complete(run_dir)
-        if existing is not None or (run_dir / "metrics.jsonl").exists():
-            what = f"checkpoint {existing.name}" if existing else "metrics.jsonl"
-            raise ConfigError(
-                f"train.run_dir={str(run_dir)!r} already holds a run ({what}); pass "
-                "train.resume=auto to continue it, or choose another train.run_dir"
-            )
-        return None
-    if resume == "auto":
-        return checkpoint.newest_complete(run_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(
-            f"train.resume={resume!r} is not a directory; give a step_N checkpoint dir, or auto"
-        )
-    return path
 
 
 @dataclass
@@ -103,22 +79,10 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         tcfg = cfg.train
-        # ---- preflight: cheap checks, before any process group, model or data stream
-        world = world_size_from_env()
-        self.global_batch = check_world_size(cfg, world)
-        self.manifest = check_dataset(cfg.data, cfg.model)
-        self.resume_from = resolve_resume(cfg)
-        self.dims = ParallelDims.from_config(cfg.parallel, world)
-        engine = "deepspeed" if self.dims.uses_deepspeed else "dcp"
-        if self.resume_from is not None:
-            checkpoint.check_compatible(self.resume_from, cfg.model, engine)
-        elif tcfg.init_from is not None:
-            if not Path(tcfg.init_from).is_dir():
-                raise ConfigError(
-                    f"train.init_from={tcfg.init_from!r} is not a directory; give a checkpoint "
-                    "dir (a step_N dir, or the output of megalite-convert)"
-                )
-            checkpoint.check_compatible(Path(tcfg.init_from), cfg.model, "dcp")
+        # ---- preflight: every cheap check, before any process group, model or data stream
+        plan = preflight(cfg, world_size_from_env())
+        self.global_batch, self.dims = plan.global_batch, plan.dims
+        self.manifest, self.resume_from = plan.manifest, plan.resume_from
 
         # ---- distributed + device
         self.dist = init_distributed(tcfg.device, cfg.parallel.backend, cfg.parallel.timeout_s)

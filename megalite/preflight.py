@@ -1,0 +1,180 @@
+"""Preflight: everything that can be checked before a process group, a model or a data stream
+exists — and every problem found is reported together, so a typo found after the queue wait
+costs one resubmission, not five.
+
+Checks: parallel degrees against the world size and the batch arithmetic; the dataset (present,
+readable, tokenizer matching the model); the kernels and backends the config asks for; the
+checkpoint to resume or start from (present, same model shape, same engine); the run dir
+(writable, with room for at least one checkpoint); wandb (offline, or online with a key and a
+reachable server). The config itself was fully validated when it was built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from megalite import checkpoint
+from megalite.config import Config, ConfigError, check_world_size
+from megalite.data.loader import check_dataset
+from megalite.data.prepare import DataError
+from megalite.model.layers import BackendUnavailableError
+from megalite.parallel.dims import ParallelDims
+
+USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, BackendUnavailableError)
+
+
+class PreflightError(ConfigError):
+    """One or more problems found before start; `problems` lists each one's message."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            super().__init__(f"{len(problems)} problems found before start:\n{lines}")
+
+
+@dataclass
+class Plan:
+    """What preflight established, for the trainer to use."""
+
+    world_size: int
+    global_batch: int
+    dims: ParallelDims
+    manifest: dict
+    resume_from: Path | None
+    n_params: int
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint to start from per `train.resume`, or None for a fresh run. Refuses to start
+    a fresh run in a run dir that already holds one, so nothing written before is overwritten."""
+    run_dir = Path(cfg.train.run_dir)
+    resume = cfg.train.resume
+    if resume == "none":
+        existing = checkpoint.newest_complete(run_dir)
+        if existing is not None or (run_dir / "metrics.jsonl").exists():
+            what = f"checkpoint {existing.name}" if existing else "metrics.jsonl"
+            raise ConfigError(
+                f"train.run_dir={str(run_dir)!r} already holds a run ({what}); pass "
+                "train.resume=auto to continue it, or choose another train.run_dir"
+            )
+        return None
+    if resume == "auto":
+        return checkpoint.newest_complete(run_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(
+            f"train.resume={resume!r} is not a directory; give a step_N checkpoint dir, or auto"
+        )
+    return path
+
+
+def checkpoint_bytes(n_params: int) -> int:
+    """One checkpoint: fp32 weights plus AdamW's two fp32 moments, and 5 % for metadata."""
+    return int(n_params * 12 * 1.05)
+
+
+def check_run_dir(run_dir: Path, n_params: int) -> None:
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"train.run_dir={str(run_dir)!r}: {str(existing)!r} is a file, not a directory; "
+            "choose another train.run_dir"
+        )
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".megalite-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"train.run_dir={str(run_dir)!r} is not writable ({e.strerror} in {str(existing)!r});"
+            " choose a directory you can write to"
+        ) from e
+    need, free = checkpoint_bytes(n_params), shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(
+            f"train.run_dir={str(run_dir)!r}: {free / 2**30:.1f} GiB free but one checkpoint "
+            f"needs about {need / 2**30:.1f} GiB; free space or choose another train.run_dir"
+        )
+
+
+def check_wandb(mode: str) -> None:
+    if mode != "online":
+        return
+    has_netrc = (Path.home() / ".netrc").is_file() and "api.wandb.ai" in (
+        Path.home() / ".netrc"
+    ).read_text(errors="ignore")
+    if not os.environ.get("WANDB_API_KEY") and not has_netrc:
+        raise ConfigError(
+            "logging.wandb.mode=online but no wandb credentials (WANDB_API_KEY or ~/.netrc); "
+            "set WANDB_API_KEY, or use logging.wandb.mode=offline and `wandb sync` later"
+        )
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(
+            f"logging.wandb.mode=online but {host}:{port} is unreachable ({e}); "
+            "use logging.wandb.mode=offline and `wandb sync` later"
+        ) from e
+
+
+def preflight(cfg: Config, world_size: int) -> Plan:
+    """Runs every check; raises PreflightError listing all problems, or returns the Plan."""
+    from megalite.model.transformer import Transformer, count_params
+
+    problems: list[str] = []
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except USER_ERRORS as e:
+            problems.append(str(e))
+            return None
+
+    global_batch = attempt(check_world_size, cfg, world_size)
+    # Same degree arithmetic as check_world_size: only worth doing once it passed.
+    dims = None if global_batch is None else ParallelDims.from_config(cfg.parallel, world_size)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        problems.append(
+            "train.device=cuda but CUDA is not available here; use train.device=cpu or auto"
+        )
+    manifest = attempt(check_dataset, cfg.data, cfg.model)
+
+    def build_meta() -> int:
+        # Builds nothing but selects every backend, so a missing kernel or flash-attn shows.
+        with torch.device("meta"):
+            return count_params(Transformer(cfg.model, loss=cfg.train.loss))
+
+    n_params = attempt(build_meta)
+    resume_from = attempt(resolve_resume, cfg)
+    engine = "deepspeed" if dims is not None and dims.uses_deepspeed else "dcp"
+    if resume_from is not None:
+        attempt(checkpoint.check_compatible, resume_from, cfg.model, engine)
+    elif cfg.train.init_from is not None:
+        init = Path(cfg.train.init_from)
+        if not init.is_dir():
+            problems.append(
+                f"train.init_from={cfg.train.init_from!r} is not a directory; give a checkpoint "
+                "dir (a step_N dir, or the output of megalite-convert)"
+            )
+        else:
+            attempt(checkpoint.check_compatible, init, cfg.model, "dcp")
+    if n_params is not None:
+        attempt(check_run_dir, Path(cfg.train.run_dir), n_params)
+    attempt(check_wandb, cfg.logging.wandb.mode)
+    if problems:
+        raise PreflightError(problems)
+    return Plan(world_size, global_batch, dims, manifest, resume_from, n_params)
