@@ -16,6 +16,7 @@ plain Python values and are loaded with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -39,8 +40,26 @@ from megalite.config import ModelConfig
 from megalite.parallel.distributed import DistInfo, barrier
 from megalite.resilience import failpoint
 
-# Fields that decide parameter shapes: a checkpoint is loadable only if they all match.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "tie_embeddings")
+# What defines the function a checkpoint's weights compute: parameter shapes, and the RoPE base
+# and norm epsilon. A checkpoint is loadable only if all of them match (the kernel backends and
+# max_seq_len may differ).
+MODEL_FIELDS = (
+    "vocab_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "kv_heads",
+    "hidden_dim",
+    "tie_embeddings",
+    "rope_theta",
+    "norm_eps",
+)
+
+
+def _model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = ModelConfig(**{k: v for k, v in cfg.items() if k in known})
+    return {k: getattr(model, k) for k in MODEL_FIELDS}
 
 
 class CheckpointError(ValueError):
@@ -118,12 +137,16 @@ def check_compatible(path: Path, cfg: ModelConfig, engine: str | None = None) ->
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{str(meta_path)!r} is not valid JSON ({e})") from e
-    saved = meta.get("model", {})
-    want = model_meta(cfg)
+    try:
+        saved = _model_fields(meta.get("model", {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(meta_path)!r} holds no valid model config ({e})") from e
+    want = _model_fields(model_meta(cfg))
+    names = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_dim"}
     diffs = [
-        f"model.{k}: checkpoint {saved.get(k)!r}, config {want[k]!r}"
-        for k in SHAPE_FIELDS
-        if saved.get(k) != want[k]
+        f"model.{names.get(k, k)}: checkpoint {saved[k]!r}, config {want[k]!r}"
+        for k in MODEL_FIELDS
+        if saved[k] != want[k]
     ]
     if diffs:
         raise CheckpointError(
@@ -225,6 +248,11 @@ def load(
     """Loads model + optimizer in place (resharding as needed) and returns the trainer state of
     this rank (rank 0's when the world size changed: the data position is global)."""
     meta = check_compatible(path, model_cfg, "deepspeed" if engine is not None else "dcp")
+    if not (path / "rank_00000.pt").is_file():
+        raise CheckpointError(
+            f"{str(path)!r} holds model weights only (no optimizer or trainer state), so a run "
+            f"cannot resume from it; start from its weights with train.init_from={path}"
+        )
     if engine is not None:
         from megalite.parallel import deepspeed as ds
 

@@ -54,8 +54,10 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention: str = "sdpa"  # sdpa | triton | flash_attn
-    norm: str = "torch"  # torch | triton
+    # auto: the Triton kernels on CUDA (flash-attn for attention when installed), the PyTorch
+    # references (sdpa, torch) on a CPU.
+    attention: str = "auto"  # auto | sdpa | triton | flash_attn
+    norm: str = "auto"  # auto | torch | triton
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
@@ -81,8 +83,8 @@ class ModelConfig:
             )
         if self.ffn_dim is not None:
             _positive("model.ffn_dim", self.ffn_dim)
-        _choice("model.attention", self.attention, ("sdpa", "triton", "flash_attn"))
-        _choice("model.norm", self.norm, ("torch", "triton"))
+        _choice("model.attention", self.attention, ("auto", "sdpa", "triton", "flash_attn"))
+        _choice("model.norm", self.norm, ("auto", "torch", "triton"))
 
     @property
     def kv_heads(self) -> int:
@@ -361,7 +363,9 @@ class TrainConfig:
     global_batch_size: int | None = None
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
-    loss: str = "torch"  # torch | triton | fused_linear
+    # auto: the fused linear + cross-entropy kernel on CUDA (torch's loss-parallel CE under
+    # tensor parallelism), torch on a CPU.
+    loss: str = "auto"  # auto | torch | triton | fused_linear
     compile: bool = False
     run_dir: str = "runs/default"
     log_every: int = 10
@@ -392,7 +396,7 @@ class TrainConfig:
             _positive("train.stop_at_step", self.stop_at_step)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("bf16", "fp32"))
-        _choice("train.loss", self.loss, ("torch", "triton", "fused_linear"))
+        _choice("train.loss", self.loss, ("auto", "torch", "triton", "fused_linear"))
         _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
         if not self.run_dir:
             raise ConfigError("train.run_dir is empty; give a directory for checkpoints and logs")
@@ -461,10 +465,16 @@ def check_tp(cfg: Config, tp: int) -> None:
             raise ConfigError(
                 f"parallel.tp={tp} does not divide {key}={value}; pick a tp that divides {value}"
             )
-    if cfg.train.loss == "fused_linear":
+    if cfg.train.loss in ("fused_linear", "triton"):
         raise ConfigError(
-            "train.loss=fused_linear does not support a vocab-sharded output layer "
-            f"(parallel.tp={tp}); use train.loss=torch (loss parallel) with tensor parallelism"
+            f"train.loss={cfg.train.loss} does not support a vocab-sharded output layer "
+            f"(parallel.tp={tp}); use train.loss=torch (loss parallel) or auto with tensor "
+            "parallelism"
+        )
+    if cfg.model.norm == "triton":
+        raise ConfigError(
+            f"model.norm=triton does not take sequence-sharded inputs (parallel.tp={tp}); "
+            "use model.norm=torch or auto with tensor parallelism"
         )
 
 

@@ -11,6 +11,7 @@ reachable server). The config itself was fully validated when it was built.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -47,6 +48,7 @@ class PreflightError(ConfigError):
 class Plan:
     """What preflight established, for the trainer to use."""
 
+    cfg: Config  # with concrete backends
     world_size: int
     global_batch: int
     dims: ParallelDims
@@ -135,7 +137,11 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     """Runs every check; raises PreflightError listing all problems, or returns the Plan."""
     from megalite.model.transformer import Transformer, count_params
 
+    from megalite.model.transformer import resolve_backends
+
     problems: list[str] = []
+    device_type = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    tp = 1
 
     def attempt(fn, *args):
         try:
@@ -147,6 +153,11 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     global_batch = attempt(check_world_size, cfg, world_size)
     # Same degree arithmetic as check_world_size: only worth doing once it passed.
     dims = None if global_batch is None else ParallelDims.from_config(cfg.parallel, world_size)
+    if dims is not None:
+        tp = dims.tp
+    # `auto` backends become concrete ones for this device and layout, once, here.
+    model_cfg, loss = resolve_backends(cfg.model, cfg.train.loss, device_type, tp)
+    cfg = dataclasses.replace(cfg, model=model_cfg, train=dataclasses.replace(cfg.train, loss=loss))
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         problems.append(
             "train.device=cuda but CUDA is not available here; use train.device=cpu or auto"
@@ -163,6 +174,11 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     engine = "deepspeed" if dims is not None and dims.uses_deepspeed else "dcp"
     if resume_from is not None:
         attempt(checkpoint.check_compatible, resume_from, cfg.model, engine)
+        if not (resume_from / "rank_00000.pt").is_file():
+            problems.append(
+                f"train.resume={str(resume_from)!r} holds model weights only (no optimizer or "
+                f"trainer state); start from it with train.init_from={resume_from} instead"
+            )
     elif cfg.train.init_from is not None:
         init = Path(cfg.train.init_from)
         if not init.is_dir():
@@ -177,4 +193,4 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     attempt(check_wandb, cfg.logging.wandb.mode)
     if problems:
         raise PreflightError(problems)
-    return Plan(world_size, global_batch, dims, manifest, resume_from, n_params)
+    return Plan(cfg, world_size, global_batch, dims, manifest, resume_from, n_params)

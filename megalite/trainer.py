@@ -46,6 +46,7 @@ from megalite.parallel.distributed import (
     world_size_from_env,
 )
 from megalite.parallel.parallelize import parallelize, unwrap
+from megalite.plan import estimate_memory
 from megalite.preflight import preflight
 from megalite.resilience import (
     PREEMPTED,
@@ -77,10 +78,10 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        tcfg = cfg.train
         # ---- preflight: every cheap check, before any process group, model or data stream
         plan = preflight(cfg, world_size_from_env())
+        self.cfg = cfg = plan.cfg
+        tcfg = cfg.train
         self.global_batch, self.dims = plan.global_batch, plan.dims
         self.manifest, self.resume_from = plan.manifest, plan.resume_from
 
@@ -168,6 +169,9 @@ class Trainer:
             f"{tcfg.precision} | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | MFU {self.peak.label}"
         )
+        self.memory_plan = estimate_memory(cfg, self.dist.world_size)
+        self.logger.info(self.memory_plan.summary())
+        self._memory_compared = False  # the measured peak is logged next to it once
         if self.resume_from is not None:
             self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
 
@@ -354,6 +358,9 @@ class Trainer:
                 "data_crc": result.data_crc,
             }
         )
+        if not self._memory_compared:
+            self._memory_compared = True
+            self.logger.info(self.memory_plan.compare(peak_memory_gb(self.device), self.device))
 
     def _rollback(self, reason: str) -> None:
         """Restores model and optimizer from the newest checkpoint and goes on from the data

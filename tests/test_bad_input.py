@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_MODEL, tiny_train_overrides
+from tests.conftest import tiny_train_overrides
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

@@ -8,6 +8,8 @@ Shape legend: B batch, T sequence, C model dim, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 import zlib
 from collections.abc import Callable
@@ -81,9 +83,33 @@ def fused_linear_loss_fn() -> FusedLossFn:
     return lambda h, w, y: fused_linear_cross_entropy(h, w, y, IGNORE_INDEX)
 
 
+def resolve_backends(
+    cfg: ModelConfig, loss: str, device_type: str, tp: int = 1
+) -> tuple[ModelConfig, str]:
+    """Replaces `auto` backends: on CUDA the Triton kernels (flash-attn for attention when it is
+    installed; under tensor parallelism the norm and loss stay torch, as they see sharded
+    DTensors), on a CPU the PyTorch references."""
+    cuda = device_type == "cuda"
+    attention, norm = cfg.attention, cfg.norm
+    if attention == "auto":
+        if cuda:
+            attention = "flash_attn" if importlib.util.find_spec("flash_attn") else "triton"
+        else:
+            attention = "sdpa"
+    if norm == "auto":
+        norm = "triton" if cuda and tp == 1 else "torch"
+    if loss == "auto":
+        loss = "fused_linear" if cuda and tp == 1 else "torch"
+    return dataclasses.replace(cfg, attention=attention, norm=norm), loss
+
+
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, loss: str = "torch") -> None:
+    def __init__(self, cfg: ModelConfig, loss: str = "auto") -> None:
         super().__init__()
+        # The trainer resolves `auto` for its device and layout first; standalone use (tests,
+        # interop, generation) gets the choice for the local machine.
+        local = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg, loss = resolve_backends(cfg, loss, local)
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed by layer index keeps parameter names stable when layers are split
@@ -193,7 +219,7 @@ def canonical_name(name: str) -> str:
 
 
 def build_model(
-    cfg: ModelConfig, device: torch.device | str = "cpu", loss: str = "torch", seed: int = 0
+    cfg: ModelConfig, device: torch.device | str = "cpu", loss: str = "auto", seed: int = 0
 ) -> Transformer:
     """Builds on meta, materializes on `device`, initializes deterministically from `seed`."""
     with torch.device("meta"):

@@ -1,0 +1,166 @@
+"""`megalite-convert`: Llama checkpoints between Hugging Face / Meta and megalite.
+
+megalite-convert from-hf path/to/hf_llama converted/             # config.json + *.safetensors
+megalite-convert from-meta path/to/Llama-2-7b converted/         # params.json + consolidated.00.pth
+megalite-convert to-hf runs/cpu_demo hf_out/ --dtype bfloat16    # newest checkpoint of a run
+
+An imported dir is a megalite checkpoint: continue pretraining from it with
+`megalite-train -cd converted/conf model=<name> train.init_from=converted/`, or pass it to
+megalite-eval / megalite-generate. An exported dir loads with
+`transformers.LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`, offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megalite.checkpoint import CheckpointError
+from megalite.config import ConfigError
+from megalite.data.common import DataError
+from megalite.interop.llama_hf import (
+    DTYPES,
+    Imported,
+    InteropError,
+    export_hf,
+    import_hf,
+    import_meta,
+    model_overrides,
+    n_params_label,
+    tokenizer_config,
+)
+
+
+def _print_imported(res: Imported, src: str) -> None:
+    cfg = res.cfg
+    print(
+        f"megalite-convert: wrote {res.out} from {src}: {n_params_label(res.n_params)} params, "
+        f"{cfg.n_layers} layers, "
+        f"dim {cfg.dim}, {cfg.n_heads} heads / {cfg.kv_heads} kv heads, vocab {cfg.vocab_size}, "
+        f"tied embeddings {cfg.tie_embeddings}"
+    )
+    print(
+        "continue pretraining with:\n"
+        f"  megalite-train -cd {res.out}/conf model={cfg.name} train.init_from={res.out} ...\n"
+        "or with explicit overrides:\n"
+        f"  megalite-train {' '.join(model_overrides(cfg))} train.init_from={res.out} ..."
+    )
+
+
+def to_hf(args: argparse.Namespace) -> Path:
+    """Export: loads the checkpoint (any layout) and writes the Hugging Face dir."""
+    from megalite.evaluate import (
+        eos_ids,
+        find_tokenizer,
+        load_model,
+        load_tokenizer,
+        resolve_checkpoint,
+        run_data_config,
+    )
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, meta = load_model(ckpt, "cpu")
+    cfg = model.cfg
+    files: dict[str, str | Path] = {}
+    extra: dict[str, str] = {}
+    eos: list[int] = list(meta.get("eos_token_ids") or [])
+    bos = meta.get("bos_token_id")
+    if not args.no_tokenizer:
+        run = run_data_config(ckpt)
+        tok_path = find_tokenizer(ckpt, args.tokenizer, run)
+        tok = load_tokenizer(tok_path)
+        if tok.get_vocab_size() > cfg.vocab_size:
+            raise InteropError(
+                f"tokenizer {str(tok_path)!r} has {tok.get_vocab_size()} tokens but the model's "
+                f"vocab_size is {cfg.vocab_size}; pass the tokenizer the model was trained with"
+            )
+        files["tokenizer.json"] = tok_path
+        eos = eos_ids(meta, tok, run)
+        # An imported checkpoint carries its source's tokenizer config (chat template, special
+        # tokens): keep it. Otherwise describe megalite's tokenizer: EOS separates documents
+        # and also starts one (GPT-2's convention), there is no other special token.
+        if (ckpt / "tokenizer_config.json").is_file() and tok_path.parent == ckpt:
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                if (ckpt / name).is_file():
+                    files[name] = ckpt / name
+        else:
+            eos_tok = tok.id_to_token(eos[0]) if eos else None
+            bos = eos[0] if eos else None
+            tc = tokenizer_config(eos_tok, eos_tok, cfg.max_seq_len)
+            extra["tokenizer_config.json"] = json.dumps(tc, indent=2) + "\n"
+            special = {"bos_token": eos_tok, "eos_token": eos_tok} if eos_tok else {}
+            extra["special_tokens_map.json"] = json.dumps(special, indent=2) + "\n"
+    eos_id: int | list[int] | None = eos[0] if len(eos) == 1 else (eos or None)
+    out = export_hf(
+        model.state_dict(),
+        cfg,
+        args.out,
+        tokenizer_files=files,
+        extra_files=extra,
+        dtype=args.dtype,
+        bos_id=bos,
+        eos_id=eos_id,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"megalite-convert: wrote {out} from {ckpt} (step {meta.get('step')}, {args.dtype}"
+        f"{', no tokenizer' if args.no_tokenizer else ''}); load it with "
+        f"LlamaForCausalLM.from_pretrained({str(out)!r})"
+    )
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megalite-convert", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    hf = sub.add_parser("from-hf", help="Hugging Face Llama dir -> megalite checkpoint dir")
+    hf.add_argument("src", help="dir with config.json and *.safetensors (sharded index too)")
+    hf.add_argument("out", help="output checkpoint dir (train.init_from)")
+    hf.add_argument("--name", help="model preset name (default: the source dir's name)")
+    hf.add_argument("--max-seq-len", type=int, help="default: max_position_embeddings")
+    hf.add_argument("--overwrite", action="store_true")
+    meta = sub.add_parser("from-meta", help="Meta Llama dir (params.json) -> megalite checkpoint")
+    meta.add_argument("src", help="dir with params.json and consolidated.00.pth")
+    meta.add_argument("out")
+    meta.add_argument("--name")
+    meta.add_argument(
+        "--max-seq-len", type=int, default=4096, help="params.json does not record it"
+    )
+    meta.add_argument("--overwrite", action="store_true")
+    exp = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face Llama dir")
+    exp.add_argument("checkpoint", help="step_N dir, run dir (newest checkpoint) or converted dir")
+    exp.add_argument("out")
+    exp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    exp.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's / run's)")
+    exp.add_argument("--no-tokenizer", action="store_true", help="write the model only")
+    exp.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "from-hf":
+            res = import_hf(
+                args.src, args.out, name=args.name, max_seq_len=args.max_seq_len,
+                overwrite=args.overwrite,
+            )  # fmt: skip
+            _print_imported(res, args.src)
+        elif args.command == "from-meta":
+            res = import_meta(
+                args.src, args.out, name=args.name, max_seq_len=args.max_seq_len,
+                overwrite=args.overwrite,
+            )  # fmt: skip
+            _print_imported(res, args.src)
+        else:
+            to_hf(args)
+    except (InteropError, CheckpointError, DataError, ConfigError) as e:
+        print(f"megalite-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

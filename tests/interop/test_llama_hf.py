@@ -1,0 +1,344 @@
+"""Llama interop against transformers as the oracle: imported logits match LlamaForCausalLM's,
+exported dirs load with from_pretrained / AutoTokenizer offline and match megalite's logits,
+round trips are bitwise, Meta's interleaved RoPE layout is permuted correctly, and every
+unsupported input is one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megalite.config import ModelConfig
+from megalite.evaluate import load_model
+from megalite.interop.llama_hf import (
+    HF_NAMES,
+    InteropError,
+    export_hf,
+    half_to_interleaved,
+    hf_name,
+    import_hf,
+    import_meta,
+    interleaved_to_half,
+    megalite_name,
+    model_config_from_hf,
+)
+from megalite.model.layers import apply_rope, rope_cos_sin
+from tests.conftest import BIN, run_cli
+from tests.interop.helpers import random_checkpoint, random_hf_llama
+
+# Before transformers is imported: it reads the variable once. Everything here is local anyway.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def cli_error(args: list[str]) -> str:
+    res = run_cli([str(BIN / "megalite-convert"), *args], env=OFFLINE, timeout=300)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("megalite-convert: error: "), res.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------- names
+def test_name_table_maps_every_parameter_both_ways():
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=80)
+    hf = random_hf_llama(tied=False, num_hidden_layers=3)
+    with torch.device("meta"):
+        from megalite.model.transformer import Transformer
+
+        ours = Transformer(cfg)
+    ours_names = set(ours.state_dict())
+    assert {hf_name(n) for n in ours_names} == set(hf.state_dict())
+    assert all(megalite_name(hf_name(n)) == n for n in ours_names)
+    assert megalite_name("model.layers.0.self_attn.q_proj.bias") is None
+    assert megalite_name("model.vision_tower.proj.weight") is None
+    assert len(HF_NAMES) == 12
+
+
+# ------------------------------------------------------------------------------ import
+@pytest.mark.parametrize(
+    "tied, n_kv, shard",
+    [(False, 2, False), (True, 2, True), (False, 6, True), (True, 1, False)],
+    ids=["gqa-untied", "gqa-tied-sharded", "mha-untied-sharded", "mqa-tied"],
+)
+def test_imported_logits_match_transformers(tmp_path, tied, n_kv, shard):
+    hf = random_hf_llama(tied=tied, n_kv=n_kv)
+    src = tmp_path / "hf"
+    hf.save_pretrained(src, max_shard_size="40KB" if shard else "1GB")
+    assert (src / "model.safetensors.index.json").is_file() == shard
+    res = import_hf(src, tmp_path / "ml")
+    assert (res.cfg.tie_embeddings, res.cfg.kv_heads, res.cfg.rope_theta) == (tied, n_kv, 5e5)
+    model, meta = load_model(res.out)
+    assert meta["step"] == 0 and meta["source"]["format"] == "huggingface-llama"
+    x = torch.randint(0, 97, (3, 29))
+    ref = logits(hf, x)
+    assert ref.std() > 1.0  # far from uniform: a wrong weight would show
+    torch.testing.assert_close(logits(model, x), ref, **TOL)
+    if tied:
+        assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_cli_import_prints_a_preset_and_overrides_the_trainer_config_accepts(tmp_path, capsys):
+    """Both ways of giving the trainer the imported shape (the written preset, the printed
+    overrides) compose to the checkpoint's exact ModelConfig."""
+    from megalite.interop.cli import main
+    from tests.conftest import compose
+
+    hf = random_hf_llama(tied=False)
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "ml"
+    assert main(["from-hf", str(tmp_path / "hf"), str(out), "--name", "t"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"-cd {out}/conf model=t train.init_from={out}" in stdout
+    cfg = compose([f"hydra.searchpath=[file://{out}/conf]", "model=t", "data.seq_len=32"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert {k: getattr(cfg.model, k) for k in meta["model"]} == meta["model"]
+    overrides = stdout.split("megalite-train ")[-1].split(" train.init_from")[0].split()
+    cfg2 = compose([*overrides, "data.seq_len=32"])
+    assert cfg2.model == cfg.model
+
+
+# ------------------------------------------------------------------------------ export
+def test_export_loads_in_transformers_with_its_tokenizer(tmp_path, tiny_data):
+    """megalite checkpoint -> HF dir via the CLI: from_pretrained (offline) gives megalite's
+    logits; AutoTokenizer encodes as the run's tokenizer; EOS is in config and tokenizer."""
+    from tokenizers import Tokenizer
+
+    cfg = ModelConfig(
+        vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64,
+        rope_theta=1e4, norm_eps=1e-6, init_std=0.2,
+    )  # fmt: skip
+    ckpt = random_checkpoint(tmp_path / "ckpt", cfg, seed=3, tokenizer=tiny_data / "tokenizer.json")
+    out = tmp_path / "hf"
+    res = run_cli(
+        [str(BIN / "megalite-convert"), "to-hf", str(ckpt), str(out)], env=OFFLINE, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        out, local_files_only=True, attn_implementation="eager"
+    ).eval()
+    ours, _ = load_model(ckpt)
+    x = torch.randint(0, 512, (2, 40))
+    torch.testing.assert_close(logits(hf, x), logits(ours, x), **TOL)
+
+    ours_tok = Tokenizer.from_file(str(tiny_data / "tokenizer.json"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    text = "To be, or not to be: that is the question.\nROMEO. Wherefore art thou"
+    assert hf_tok(text)["input_ids"] == ours_tok.encode(text).ids
+    eos = ours_tok.token_to_id("<|endoftext|>")
+    assert hf_tok.eos_token_id == hf.config.eos_token_id == eos
+    assert hf.generation_config.eos_token_id == eos
+
+
+def test_round_trip_is_bitwise(tmp_path):
+    """HF -> megalite -> HF gives the same tensors bit for bit (fp32, and bf16 with
+    --dtype bfloat16), and the same config; megalite -> HF -> megalite gives the same model."""
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[-1]
+        hf = random_hf_llama(tied=False).to(dtype)
+        src = tmp_path / f"hf-{name}"
+        hf.save_pretrained(src)
+        res = import_hf(src, tmp_path / f"ml-{name}")
+        model, _ = load_model(res.out)
+        back = export_hf(model.state_dict(), res.cfg, tmp_path / f"back-{name}", dtype=name)
+        a, b = load_file(src / "model.safetensors"), load_file(back / "model.safetensors")
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype == dtype and torch.equal(a[k], b[k]), k
+        ca, cb = (
+            json.loads((src / "config.json").read_text()),
+            json.loads((back / "config.json").read_text()),
+        )
+        for key in ("hidden_size", "intermediate_size", "num_key_value_heads", "rope_theta",
+                    "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):  # fmt: skip
+            assert ca[key] == cb[key], key
+
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
+                      tie_embeddings=True, max_seq_len=64)  # fmt: skip
+    ckpt = random_checkpoint(tmp_path / "orig", cfg, seed=5)
+    orig, _ = load_model(ckpt)
+    hf_dir = export_hf(orig.state_dict(), cfg, tmp_path / "hf-tied")
+    assert "lm_head.weight" not in load_file(hf_dir / "model.safetensors")
+    again, _ = load_model(import_hf(hf_dir, tmp_path / "again").out)
+    for (k, p), q in zip(orig.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+# ------------------------------------------------------------------------- RoPE layouts
+def meta_apply_rotary_emb(x_BTHD: torch.Tensor, theta: float) -> torch.Tensor:
+    """Meta's llama/model.py RoPE: adjacent pairs (x[2i], x[2i + 1]) as complex numbers."""
+    t, d = x_BTHD.shape[1], x_BTHD.shape[-1]
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+    freqs_cis = torch.polar(torch.ones(t, d // 2), torch.outer(torch.arange(t).float(), freqs))
+    x_c = torch.view_as_complex(x_BTHD.float().reshape(*x_BTHD.shape[:-1], -1, 2))
+    return torch.view_as_real(x_c * freqs_cis[None, :, None, :]).flatten(3)
+
+
+def scores(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor) -> torch.Tensor:
+    k_BTHD = k_BTKD.repeat_interleave(q_BTHD.shape[2] // k_BTKD.shape[2], dim=2)
+    return torch.einsum("bqhd,bkhd->bhqk", q_BTHD, k_BTHD)
+
+
+def test_interleaved_rope_weights_permuted_give_the_same_attention_scores():
+    """Meta weights under Meta's complex RoPE and the permuted weights under megalite's
+    rotate-half RoPE produce the same q.k for every pair of positions (GQA)."""
+    torch.manual_seed(0)
+    h, k, d, c, t, theta = 4, 2, 16, 32, 11, 5e5
+    x = torch.randn(2, t, c)
+    wq, wk = torch.randn(h * d, c), torch.randn(k * d, c)
+    meta = scores(
+        meta_apply_rotary_emb((x @ wq.T).view(2, t, h, d), theta),
+        meta_apply_rotary_emb((x @ wk.T).view(2, t, k, d), theta),
+    )
+    rope = rope_cos_sin(d, t, theta)
+
+    def ours(wq_, wk_):
+        q = apply_rope((x @ wq_.T).view(2, t, h, d), rope)
+        return scores(q, apply_rope((x @ wk_.T).view(2, t, k, d), rope))
+
+    torch.testing.assert_close(ours(interleaved_to_half(wq, h), interleaved_to_half(wk, k)), meta)
+    assert not torch.allclose(ours(wq, wk), meta, atol=1e-2)  # the permutation is needed
+    assert torch.equal(half_to_interleaved(interleaved_to_half(wq, h), h), wq)
+
+
+def test_meta_checkpoint_imports_to_the_same_model(tmp_path):
+    """A Meta-format dir (params.json + consolidated.00.pth, interleaved wq/wk) of the same
+    weights as a transformers model imports to transformers' logits."""
+    hf = random_hf_llama(tied=False, intermediate_size=128)
+    ours = {megalite_name(k): v for k, v in hf.state_dict().items()}
+    for i in range(2):
+        ours[f"layers.{i}.attention.wq.weight"] = half_to_interleaved(
+            ours[f"layers.{i}.attention.wq.weight"], 6
+        )
+        ours[f"layers.{i}.attention.wk.weight"] = half_to_interleaved(
+            ours[f"layers.{i}.attention.wk.weight"], 2
+        )
+    src = tmp_path / "meta"
+    src.mkdir()
+    torch.save({**ours, "rope.freqs": torch.zeros(8)}, src / "consolidated.00.pth")
+    params = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=-1, multiple_of=16,
+                  ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=5e5)  # fmt: skip
+    (src / "params.json").write_text(json.dumps(params))
+    res = import_meta(src, tmp_path / "ml", max_seq_len=64)
+    assert res.cfg.hidden_dim == 128 and res.cfg.vocab_size == 97
+    model, _ = load_model(res.out)
+    x = torch.randint(0, 97, (2, 21))
+    torch.testing.assert_close(logits(model, x), logits(hf, x), **TOL)
+
+
+# ------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"model_type": "mistral"}, r"config.json: model_type='mistral' is not supported"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            r"rope_scaling=\{'rope_type': 'llama3', 'factor': 8.0\} is not supported",
+        ),
+        ({"attention_bias": True}, r"attention_bias=True is not supported; .* no bias"),
+        ({"mlp_bias": True}, r"mlp_bias=True is not supported"),
+        ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported; .*silu"),
+        ({"head_dim": 16}, r"head_dim=16 is not hidden_size / num_attention_heads = 48 / 6"),
+        (
+            {"intermediate_size": 96},
+            r"'model.layers.0.mlp.down_proj.weight' in .* has shape "
+            r"\(48, 80\) but config.json implies \(48, 96\)",
+        ),  # fmt: skip
+        (
+            {"num_hidden_layers": 3},
+            r"has no 'model.layers.2.self_attn.k_proj.weight', .* and 5 more; a Llama model",
+        ),
+        ({"num_hidden_layers": 1}, r"'model.layers.1.\S+' in .* is not part of a Llama model"),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
+)
+def test_unsupported_or_mismatched_configs_are_refused(tmp_path, change, expected):
+    src = tmp_path / "hf"
+    random_hf_llama(tied=False).save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(InteropError, match=expected):
+        import_hf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_translation_reads_transformers_5_rope_parameters_and_needs_core_fields():
+    hf = json.loads(transformers.LlamaConfig(**{"rope_theta": 1.0}).to_json_string())
+    del hf["rope_theta"]
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+    assert model_config_from_hf(hf).rope_theta == 5e5
+    hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}
+    with pytest.raises(InteropError, match=r"rope_parameters=\{'rope_type': 'yarn'"):
+        model_config_from_hf(hf)
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
+    del hf["intermediate_size"]
+    with pytest.raises(InteropError, match=r"has no 'intermediate_size'; it is not a complete"):
+        model_config_from_hf(hf)
+
+
+def test_missing_files_are_clear_errors_and_one_line_from_the_cli(tmp_path, capsys):
+    src = tmp_path / "hf"
+    random_hf_llama(tied=False).save_pretrained(src, max_shard_size="40KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    shards[1].unlink()
+    msg = cli_error(["from-hf", str(src), str(tmp_path / "o")])
+    assert f"lists '{shards[1]}', which does not exist; download every shard" in msg
+    from megalite.interop.cli import main
+
+    assert main(["to-hf", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    msg = capsys.readouterr().err.strip()
+    assert msg == (
+        f"megalite-convert: error: checkpoint '{tmp_path / 'nope'}' does not exist; give a "
+        "step_N checkpoint dir, a run dir (its newest checkpoint is used) or a megalite-convert "
+        "output dir"
+    )
+    assert not (tmp_path / "o").exists()
+    (src / "model.safetensors.index.json").unlink()
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(InteropError, match=r"has no \*.safetensors weight files"):
+        import_hf(src, tmp_path / "o")
+    (src / "config.json").unlink()
+    with pytest.raises(InteropError, match=rf"'{src / 'config.json'}' does not exist"):
+        import_hf(src, tmp_path / "o")
+
+
+def test_untied_model_without_lm_head_and_existing_output_are_refused(tmp_path):
+    src = tmp_path / "hf"
+    random_hf_llama(tied=False).save_pretrained(src)
+    sd = load_file(src / "model.safetensors")
+    del sd["lm_head.weight"]
+    from safetensors.torch import save_file
+
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InteropError, match=r"has no 'lm_head.weight'.*tie_word_embeddings"):
+        import_hf(src, tmp_path / "out")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=1, n_heads=6, ffn_dim=80, max_seq_len=64)
+    ckpt = random_checkpoint(tmp_path / "ckpt", cfg)
+    with pytest.raises(InteropError, match=r"already exists and is not empty; pass --overwrite"):
+        export_hf(load_model(ckpt)[0].state_dict(), cfg, tmp_path / "busy")
+    export_hf(load_model(ckpt)[0].state_dict(), cfg, tmp_path / "busy", overwrite=True)
+    assert not (tmp_path / "busy" / "f").exists()
