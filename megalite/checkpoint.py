@@ -201,11 +201,11 @@ def save(
             # Without a process group DCP warns that it saves from a single process: intended.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    failpoint("save_after_weights")
+    failpoint("save_after_weights", step)
     rank_state = dict(trainer_state, rng=_rng_state(dist_info.device))
     torch.save(rank_state, tmp / f"rank_{dist_info.rank:05d}.pt")
     barrier()
-    failpoint("save_before_meta")
+    failpoint("save_before_meta", step)
     if dist_info.is_main:
         meta = {
             "step": step,
@@ -220,17 +220,17 @@ def save(
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        failpoint("save_before_rename")
+        failpoint("save_before_rename", step)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        failpoint("save_before_latest")
+        failpoint("save_before_latest", step)
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         latest_tmp.replace(root / "latest")
         _fsync_dir(root)
         # Prune after the new checkpoint is complete: the newest is never deleted.
-        failpoint("save_before_prune")
+        failpoint("save_before_prune", step)
         for old in list_complete(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

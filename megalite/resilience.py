@@ -10,8 +10,9 @@ failpoints the tests use to inject faults.
 - `StopSignals` turns SIGUSR1 (SLURM's warning before the time limit / preemption) and SIGTERM
   into a flag the loop checks between steps: finish the step, checkpoint, leave a PREEMPTED
   marker, exit 0 — the launcher requeues the job and `train.resume=auto` continues it.
-- `failpoint(name)` does nothing unless the environment variable MEGALITE_FAULT names it; tests
-  use it to kill a process in the middle of a checkpoint save, hang a step, or poison a loss.
+- `failpoint(name)` and `loss_factor(attempt)` do nothing unless the environment variable
+  MEGALITE_FAULT names them; tests use them to kill a process in the middle of a checkpoint
+  save, hang a step, or poison a loss.
 """
 
 from __future__ import annotations
@@ -40,22 +41,32 @@ def _faults() -> dict[str, str]:
 
 
 def failpoint(name: str, step: int | None = None) -> None:
-    """Test-only fault injection. `MEGALITE_FAULT=kill_at=<name>` SIGKILLs this process at the
-    named point; `hang_at_step=<n>` sleeps forever in step n."""
+    """Test-only fault injection, inert unless MEGALITE_FAULT is set:
+    `kill_at=<name>` or `kill_at=<name>@<step>` SIGKILLs this process at the named point (of
+    that step); `hang_at_step=<n>` sleeps forever at the start of step n."""
     faults = _faults()
     if not faults:
         return
-    if faults.get("kill_at") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if step is not None and faults.get("hang_at_step") == str(step) and name == "step":
+    kill = faults.get("kill_at")
+    if kill is not None:
+        where, _, at = kill.partition("@")
+        if where == name and (not at or (step is not None and int(at) == step)):
+            os.kill(os.getpid(), signal.SIGKILL)
+    if name == "step" and step is not None and faults.get("hang_at_step") == str(step):
         while True:
             time.sleep(3600)
 
 
-def poisoned(step: int) -> bool:
-    """`MEGALITE_FAULT=nan_at_steps=3:4:5` makes those steps' losses NaN (tests of the guard)."""
-    steps = _faults().get("nan_at_steps")
-    return steps is not None and str(step) in steps.split(":")
+def loss_factor(attempt: int) -> float:
+    """Test-only: `MEGALITE_FAULT=nan_at=4:5:6` makes the loss of this process's 4th, 5th and
+    6th step attempts NaN; `spike_at=8` multiplies the 8th's by 20. Attempts count every step
+    this process runs (they are not rolled back with the step number), like a bad batch."""
+    faults = _faults()
+    if str(attempt) in faults.get("nan_at", "").split(":"):
+        return float("nan")
+    if str(attempt) in faults.get("spike_at", "").split(":"):
+        return 20.0
+    return 1.0
 
 
 # ---------------------------------------------------------------------------------- loss guard

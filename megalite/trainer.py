@@ -55,7 +55,7 @@ from megalite.resilience import (
     Verdict,
     Watchdog,
     failpoint,
-    poisoned,
+    loss_factor,
 )
 
 
@@ -140,6 +140,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.guard = LossGuard(tcfg.guard)
         self.rollbacks = 0
+        self.attempts = 0  # steps run by this process, rollbacks included
         self._data_crc = 0
         if self.resume_from is not None:
             state = checkpoint.load(
@@ -222,7 +223,8 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         self._data_crc = 0
-        poison = float("nan") if poisoned(self.step + 1) else 1.0
+        self.attempts += 1
+        poison = loss_factor(self.attempts)
         if self.engine is not None:
             from megalite.parallel import deepspeed as ds
 

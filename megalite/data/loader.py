@@ -20,6 +20,7 @@ evaluation sees the same tokens.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,7 @@ def _dataset_class():
                     dist.barrier()
             self.sources = sources
             self._failure: str | None = None
+            self._download_lock = threading.Lock()
 
         def _explain(self, shard_id: int, error: BaseException) -> str:
             stream_id = int(self.stream_per_shard[shard_id])
@@ -150,11 +152,24 @@ def _dataset_class():
             )
 
         def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
-            try:
-                super().prepare_shard(shard_id, blocking)
-            except Exception as e:
-                self._failure = self._explain(shard_id, e)
-                raise
+            # Streaming frees cache space for a download before it starts but counts the bytes
+            # only when it ends, so two downloads of one process at once could both fit in the
+            # same free space and overshoot cache_limit; one at a time per process, they cannot.
+            with self._download_lock:
+                try:
+                    super().prepare_shard(shard_id, blocking)
+                except Exception as e:
+                    self._failure = self._explain(shard_id, e)
+                    raise
+
+        def __getstate__(self) -> dict:
+            state = self.__dict__.copy()
+            state.pop("_download_lock", None)  # locks do not pickle (spawned loader workers)
+            return state
+
+        def __setstate__(self, state: dict) -> None:
+            self.__dict__.update(state)
+            self._download_lock = threading.Lock()
 
         def get_item(self, sample_id: int, retry: int = 7):
             try:
@@ -297,9 +312,13 @@ class TrainStream:
                 f"{[self.fingerprint[k] for k in diff]}); resume with the same data.dir / "
                 "data.streams and their shards, or start a fresh run"
             )
+        # Drop a live iterator first, and rewind streaming's epoch counter: a dataset that has
+        # already started an epoch ignores a resume state of that epoch as stale (an in-process
+        # rollback loads a position after iterating).
+        self._it = None
+        self.dataset.next_epoch = state["loader"]["epoch"]
         self.loader.load_state_dict(state["loader"])
         self.epoch = state["epoch"]
-        self._it = None
 
     def __iter__(self) -> TrainStream:
         return self

@@ -1,0 +1,254 @@
+"""Faults: NaN and spiking losses, kill -9 during a checkpoint save and at random steps, a hung
+step, preemption signals, secrets. Real processes are killed with real signals; faults inside a
+process come from megalite.resilience's failpoints (MEGALITE_FAULT)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalite import checkpoint
+from megalite.metrics import read_metrics
+from tests.conftest import BIN, REPO, compose, tiny_train_overrides
+
+STEPS = 8
+
+
+def overrides(data: Path, run: Path, **train) -> list[str]:
+    base = dict(max_steps=STEPS, eval_every=0, ckpt_every=2, keep_last=10)
+    return tiny_train_overrides(data, run, **{**base, **train})
+
+
+def train(args: list[str], fault: str | None = None, monkeypatch=None) -> dict:
+    from megalite.trainer import Trainer
+
+    if fault:
+        monkeypatch.setenv("MEGALITE_FAULT", fault)
+    try:
+        return Trainer(compose(args)).fit()
+    finally:
+        if fault:
+            monkeypatch.delenv("MEGALITE_FAULT")
+        gc.collect()
+
+
+def records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def by_step(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in records(run)}
+
+
+def spawn(args: list[str], fault: str | None = None, **popen) -> subprocess.Popen:
+    env = dict(os.environ)
+    if fault:
+        env["MEGALITE_FAULT"] = fault
+    return subprocess.Popen(
+        [str(BIN / "megalite-train"), *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory):
+    """The uninterrupted reference run (and a longer one for data fingerprints)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    from megalite.trainer import Trainer
+
+    Trainer(compose(overrides(tiny_data, run))).fit()
+    gc.collect()
+    return run
+
+
+# ----------------------------------------------------------------------------- loss guard
+def load_weights(path: Path, data: Path) -> dict[str, torch.Tensor]:
+    from megalite.model.transformer import build_model
+
+    cfg = compose(overrides(data, path.parent))
+    model = build_model(cfg.model)
+    checkpoint.load_model_weights(path, model, cfg.model)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_nonfinite_step_is_skipped_on_every_rank_and_counted(tiny_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(overrides(tiny_data, run, ckpt_every=1), "nan_at=3", monkeypatch)
+    recs = by_step(run)
+    assert recs[3]["loss"] != recs[3]["loss"]  # NaN, logged as such
+    assert all(recs[s]["skipped_steps"] == (0 if s < 3 else 1) for s in recs)
+    assert all(recs[s]["loss"] == recs[s]["loss"] for s in recs if s != 3)
+    ckpts = run / "checkpoints"
+    w2, w3, w4 = (load_weights(ckpts / f"step_{s:08d}", tiny_data) for s in (2, 3, 4))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3's update was not applied
+    assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # step 4's was
+
+
+def test_bad_steps_in_a_row_roll_back_and_skip_the_offending_batches(
+    tiny_data, tmp_path, straight, monkeypatch
+):
+    """Attempts 4, 5, 6 are NaN with max_bad_steps=3: after the third the run restores the
+    step-3 checkpoint and goes on from the data reached, so the new step 4 trains on the batch
+    the uninterrupted run used at step 7."""
+    run = tmp_path / "run"
+    longer = tmp_path / "longer"
+    train(overrides(tiny_data, longer, max_steps=STEPS + 3, ckpt_every=0))
+    train(overrides(tiny_data, run, ckpt_every=3), "nan_at=4:5:6", monkeypatch)
+    recs = records(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]
+    crc_ref = {r["step"]: r["data_crc"] for r in records(longer)}
+    after = recs[5:]
+    assert [r["data_crc"] for r in after] == [crc_ref[s + 3] for s in range(4, STEPS + 1)]
+    assert after[-1]["rollbacks"] == 1 and after[-1]["skipped_steps"] == 3
+    assert all(r["loss"] == r["loss"] for r in after)
+
+
+def test_bad_steps_without_a_checkpoint_stop_with_a_clear_error(tiny_data, tmp_path, monkeypatch):
+    from megalite.trainer import TrainingError
+
+    with pytest.raises(
+        TrainingError, match=r"3 bad steps in a row .* no checkpoint .* to roll back"
+    ):
+        train(overrides(tiny_data, tmp_path / "run", ckpt_every=0), "nan_at=1:2:3", monkeypatch)
+
+
+@pytest.mark.parametrize("action", ["log", "skip"])
+def test_loss_spike_is_detected(tiny_data, tmp_path, monkeypatch, action):
+    run = tmp_path / "run"
+    args = [
+        *overrides(tiny_data, run, ckpt_every=0),
+        "train.guard.spike_z=3",
+        "train.guard.spike_window=4",
+        f"train.guard.spike_action={action}",
+    ]
+    train(args, "spike_at=7", monkeypatch)
+    recs = by_step(run)
+    assert recs[7]["loss"] > 5 * recs[6]["loss"]
+    assert recs[STEPS]["skipped_steps"] == (1 if action == "skip" else 0)
+
+
+# ------------------------------------------------------------------- atomic checkpoints
+SAVE_POINTS = [
+    "save_after_weights",
+    "save_before_meta",
+    "save_before_rename",
+    "save_before_latest",
+    "save_before_prune",
+]
+
+
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_kill_during_save_leaves_a_loadable_checkpoint(tiny_data, tmp_path, straight, point):
+    """SIGKILL inside the step-4 save: the newest complete checkpoint is step 2 (or step 4 once
+    the rename happened), it loads, and resuming reproduces the uninterrupted losses."""
+    run = tmp_path / "run"
+    proc = spawn(overrides(tiny_data, run), fault=f"kill_at={point}@4")
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    newest = checkpoint.newest_complete(run)
+    renamed = SAVE_POINTS.index(point) >= SAVE_POINTS.index("save_before_latest")
+    assert newest is not None and newest.name == ("step_00000004" if renamed else "step_00000002")
+    train(overrides(tiny_data, run, resume="auto"))
+    got, ref = by_step(run), by_step(straight)
+    assert [got[s]["loss"] for s in ref] == [ref[s]["loss"] for s in ref]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+# ------------------------------------------------------------ kill -9 at random steps
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_step_then_resume_is_exact(tiny_data, tmp_path, straight, seed):
+    """A real SIGKILL from outside at a random step; resume=auto reproduces the uninterrupted
+    losses bit for bit, and every step consumes the same tokens (data_crc), so every sample is
+    seen exactly once."""
+    kill_after = random.Random(seed).randint(2, STEPS - 1)
+    run = tmp_path / "run"
+    proc = spawn(overrides(tiny_data, run))
+    deadline = time.monotonic() + 300
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        recs = read_metrics(metrics) if metrics.exists() else []
+        if any(r.get("step", 0) >= kill_after for r in recs):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = max(r["step"] for r in read_metrics(metrics))
+    assert proc.returncode == -signal.SIGKILL and killed_at < STEPS, "killed too late"
+    train(overrides(tiny_data, run, resume="auto"))
+    got, ref = by_step(run), by_step(straight)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s]["loss"] for s in ref] == [ref[s]["loss"] for s in ref]
+    assert [got[s]["data_crc"] for s in ref] == [ref[s]["data_crc"] for s in ref]
+
+
+# --------------------------------------------------------------------- watchdog, signals
+def test_hung_step_dumps_stacks_and_exits_nonzero(tiny_data, tmp_path):
+    proc = spawn(
+        [*overrides(tiny_data, tmp_path / "run"), "train.watchdog_s=5"], fault="hang_at_step=3"
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, None)
+    assert "Timeout (0:00:05)!" in err
+    assert re.search(r"Thread 0x[0-9a-f]+ \(most recent call first\)", err)
+    assert "in failpoint" in err  # the stack shows where it hung
+
+
+def test_sigusr1_checkpoints_and_exits_cleanly_for_requeue(tiny_data, tmp_path, straight):
+    run = tmp_path / "run"
+    proc = spawn(overrides(tiny_data, run, max_steps=STEPS))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.exists() and read_metrics(metrics)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    marker = json.loads((run / "PREEMPTED").read_text())
+    assert marker["signal"] == "SIGUSR1" and marker["step"] < STEPS
+    assert checkpoint.newest_complete(run).name == f"step_{marker['step']:08d}"
+    train(overrides(tiny_data, run, resume="auto"))
+    assert not (run / "PREEMPTED").exists()
+    got, ref = by_step(run), by_step(straight)
+    assert [got[s]["loss"] for s in ref] == [ref[s]["loss"] for s in ref]
+
+
+# ------------------------------------------------------------------------------ security
+def test_no_eval_exec_or_unsafe_load_in_the_code():
+    pattern = re.compile(r"\b(eval|exec)\(|pickle\.loads?\(|weights_only\s*=\s*False")
+    offenders = []
+    for root in ("megalite", "kernels"):
+        for path in (REPO / root).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if pattern.search(code) and ".eval()" not in code:
+                    offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not offenders
+    text = (REPO / "megalite" / "checkpoint.py").read_text()
+    assert "torch.load(rank_file, weights_only=True)" in text
+
+
+def test_secrets_never_reach_logs_or_saved_configs(tiny_data, tmp_path, monkeypatch):
+    secret = "megalite-test-secret-7f3a9c"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    train([*overrides(tiny_data, run, max_steps=2), "logging.wandb.mode=offline"])
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files)
+    leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaks
