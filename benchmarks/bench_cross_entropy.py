@@ -10,9 +10,6 @@ error against the reference (timings need a GPU).
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 import torch.nn.functional as F
 from megalite.kernels import _bench, reference
@@ -78,14 +75,7 @@ def check_cpu() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-    if torch.cuda.is_available():
-        bench_cuda(args.runs)
-    else:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module imports triton
-        check_cpu()
+    _bench.cli(__doc__.splitlines()[0], bench_cuda, check_cpu)
 
 
 if __name__ == "__main__":

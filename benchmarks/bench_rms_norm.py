@@ -9,9 +9,6 @@ and the row records its error against the reference (a check that the script its
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 import torch.nn.functional as F
 from megalite.kernels import _bench, reference
@@ -79,14 +76,7 @@ def check_cpu() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-    if torch.cuda.is_available():
-        bench_cuda(args.runs)
-    else:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module imports triton
-        check_cpu()
+    _bench.cli(__doc__.splitlines()[0], bench_cuda, check_cpu)
 
 
 if __name__ == "__main__":

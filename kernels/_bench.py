@@ -112,3 +112,19 @@ def run_in_fresh_process(script: str | Path, args: Sequence[str]) -> dict[str, A
     if proc.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cli(description: str, bench_cuda, check_cpu) -> None:
+    """The shared entry point of the per-op benchmarks: time on CUDA, check numerics on a CPU."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        bench_cuda(args.runs)
+    else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module imports triton
+        check_cpu()

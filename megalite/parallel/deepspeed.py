@@ -46,6 +46,7 @@ def _import_deepspeed(device: torch.device):
 
 def ds_config(cfg: Config, global_batch: int) -> dict[str, Any]:
     stage = int(cfg.parallel.strategy.removeprefix("zero"))
+    dim = cfg.model.dim
     return {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -56,6 +57,12 @@ def ds_config(cfg: Config, global_batch: int) -> dict[str, Any]:
             "stage": stage,
             "overlap_comm": False,
             "contiguous_gradients": True,
+            # Buckets sized to the model (Hugging Face's "auto" rule) instead of DeepSpeed's
+            # 5e8-element defaults, which cost 2 GB per rank however small the model is.
+            "reduce_bucket_size": dim * dim,
+            "allgather_bucket_size": dim * dim,
+            "stage3_prefetch_bucket_size": int(0.9 * dim * dim),
+            "stage3_param_persistence_threshold": 10 * dim,
             # Keep full fp32 weights gatherable at save time for conversion.
             "stage3_gather_16bit_weights_on_model_save": False,
         },
