@@ -15,11 +15,15 @@ FLOP convention (the PaLM paper's, appendix B; also Megatron-LM's and torchtitan
 - Activation recompute is not counted here: that is HFU, below.
 
 Hardware FLOPs per token (`hardware_flops_per_token`) add what activation checkpointing runs
-again in backward. `full` re-runs every block's forward: + 2 * N_blocks + 4 * n_layers * dim *
-seq_len (N_blocks = N_matmul without the output head, which is outside the checkpointed blocks),
-i.e. the blocks count 8x instead of 6x (Megatron-LM's "with recompute" formula). `selective`
-keeps the matmul and attention outputs and recomputes only elementwise ops, so it adds no matmul
-FLOPs. Elementwise FLOPs (norms, RoPE, SiLU, softmax) are excluded from both counts.
+again in backward, as PyTorch's checkpoint actually executes it (checked with FlopCounterMode).
+`full` re-runs each block's forward, but stops as soon as every tensor backward needs is rebuilt
+(non-reentrant checkpoint's early stop): the MLP's down projection w2 only feeds the residual
+add, which saves nothing, so it is not re-run. That adds 2 * (N_blocks - n_layers * dim * ffn) +
+4 * n_layers * dim * seq_len (N_blocks = N_matmul without the output head, which is outside the
+checkpointed blocks); Megatron-LM's "8x for the blocks" formula, which re-runs w2 too, would
+count 2 * n_layers * dim * ffn more. `selective` keeps the matmul and attention outputs and
+recomputes only elementwise ops, so it adds no matmul FLOPs. Elementwise FLOPs (norms, RoPE,
+SiLU, softmax) are excluded from both counts.
 
 MFU = achieved model FLOP/s per device / peak dense bf16 FLOP/s of that device;
 HFU = achieved hardware FLOP/s per device / the same peak. Without recompute they are equal.
@@ -79,8 +83,11 @@ def hardware_flops_per_token(
     model = flops_per_token(cfg, seq_len)
     if activation_checkpointing != "full":
         return model
-    block_matmul = matmul_params(cfg) - cfg.dim * cfg.vocab_size
-    return model + 2.0 * block_matmul + 4.0 * cfg.n_layers * cfg.dim * seq_len
+    # Every block matmul but the down projection (see the module docstring), and attention.
+    recomputed = (
+        matmul_params(cfg) - cfg.dim * cfg.vocab_size - cfg.n_layers * cfg.dim * cfg.hidden_dim
+    )
+    return model + 2.0 * recomputed + 4.0 * cfg.n_layers * cfg.dim * seq_len
 
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets. Matched in

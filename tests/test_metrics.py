@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from megalite import metrics
 from megalite.config import ModelConfig, WandbConfig
 from megalite.metrics import (
+    PEAK_BF16_TFLOPS,
+    PEAK_FP8_TFLOPS,
     MetricsLogger,
+    Peak,
+    PeakWarning,
     flops_per_token,
+    hardware_flops_per_token,
     lookup_peak_tflops,
     matmul_params,
+    mfu_warning,
+    peak_memory_gb,
+    peak_warnings,
     plot_losses,
     redact,
+    reset_peak_memory,
 )
 from megalite.model.transformer import build_model
+from megalite.parallel.checkpointing import apply_ac
+
+GQA_TIED = dict(
+    vocab_size=131, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, tie_embeddings=True
+)
+MHA = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64)
 
 
 @pytest.mark.parametrize(
@@ -55,21 +72,62 @@ def test_matmul_flops_match_flop_counter(shape):
     )
 
 
-def test_attention_term_against_counter_with_math_sdpa():
+@pytest.mark.parametrize("shape", [MHA, GQA_TIED], ids=["mha", "gqa-tied"])
+def test_attention_term_against_counter_with_math_sdpa(shape):
     """Under the math SDPA backend the counter sees QK^T and AV over the full T x T matrix:
     exactly our (non-causally-halved) attention term."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    cfg = ModelConfig(
-        vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=64
-    )
+    cfg = ModelConfig(**shape, max_seq_len=64)
     model = build_model(cfg)
     b, t = 2, 16
-    x = torch.randint(0, 64, (b, t))
+    x = torch.randint(0, cfg.vocab_size, (b, t))
     counter = FlopCounterMode(display=False)
     with sdpa_kernel([SDPBackend.MATH]), counter:
         model(x, x).backward()
     assert counter.get_total_flops() == pytest.approx(flops_per_token(cfg, t) * b * t, rel=0.01)
+
+
+def _counted_flops(cfg: ModelConfig, ac: str, math_sdpa: bool, b: int = 2, t: int = 24) -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = build_model(cfg)
+    apply_ac(model, ac)
+    x = torch.randint(0, cfg.vocab_size, (b, t))
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel([SDPBackend.MATH]) if math_sdpa else nullcontext(), counter:
+        model(x, x).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("shape", [MHA, GQA_TIED], ids=["mha", "gqa-tied"])
+@pytest.mark.parametrize("ac", ["none", "selective", "full"])
+def test_hardware_flops_with_recompute_match_flop_counter(shape, ac):
+    """HFU's numerator: with megalite's own activation checkpointing applied, the counter sees the
+    recomputed forward in backward. Full AC re-runs every block up to its down projection
+    (checkpoint's early stop) and the forward attention term; selective keeps matmul and
+    attention outputs, so adds nothing. CPU SDPA counts 0 (matmul part only); math SDPA adds
+    the attention term."""
+    cfg = ModelConfig(**shape, max_seq_len=64)
+    b, t = 2, 24
+    counted = _counted_flops(cfg, ac, math_sdpa=False, b=b, t=t)
+    attention = 12 * cfg.n_layers * cfg.dim * t
+    recompute_attention = 4 * cfg.n_layers * cfg.dim * t if ac == "full" else 0
+    hw = hardware_flops_per_token(cfg, t, ac)
+    assert counted == pytest.approx((hw - attention - recompute_attention) * b * t, rel=0.01)
+    assert _counted_flops(cfg, ac, math_sdpa=True, b=b, t=t) == pytest.approx(hw * b * t, rel=0.01)
+    if ac == "full":
+        # The documented form: blocks count 8x but for the down projection, the head 6x.
+        blocks = matmul_params(cfg) - cfg.dim * cfg.vocab_size
+        w2 = cfg.n_layers * cfg.dim * cfg.hidden_dim
+        assert hw - flops_per_token(cfg, t) == 2 * (blocks - w2) + recompute_attention
+    else:
+        assert hw == flops_per_token(cfg, t)
+
+
+def test_hardware_flops_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="activation_checkpointing='partial'"):
+        hardware_flops_per_token(ModelConfig(), 128, "partial")
 
 
 @pytest.mark.parametrize(
@@ -90,6 +148,73 @@ def test_attention_term_against_counter_with_math_sdpa():
 )
 def test_peak_table_lookup(name, tflops):
     assert lookup_peak_tflops(name) == tflops
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 1978.9),
+        ("NVIDIA H100 PCIe", 1513.0),
+        ("NVIDIA B200", 4500.0),
+        ("AMD Instinct MI300X", 2614.9),
+        ("NVIDIA A100-SXM4-80GB", None),  # Ampere has no fp8 tensor cores
+        ("Tesla T4", None),
+    ],
+)
+def test_fp8_peak_lookup(name, tflops):
+    assert lookup_peak_tflops(name, "fp8") == tflops
+
+
+def test_fp8_peaks_are_about_twice_bf16_and_keys_are_table_keys():
+    bf16 = dict(PEAK_BF16_TFLOPS)
+    for key, fp8 in PEAK_FP8_TFLOPS.items():
+        assert fp8 / bf16[key] == pytest.approx(2.0, rel=0.02), key
+    with pytest.raises(ValueError, match="precision='fp4'"):
+        lookup_peak_tflops("NVIDIA H100", "fp4")
+
+
+def test_peak_warnings_flag_a_wrong_table():
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert peak_warnings(Peak(989.4, "table", h100, probe_tflops=700.0), on_gpu=True) == []
+    (over,) = peak_warnings(Peak(989.4, "table", h100, probe_tflops=1200.0), on_gpu=True)
+    assert "exceed 100 %" in over and "logging.peak_tflops" in over
+    (low,) = peak_warnings(Peak(989.4, "table", h100, probe_tflops=150.0), on_gpu=True)
+    assert "15%" in low and "PCIe" in low
+    (cfg_low,) = peak_warnings(Peak(100.0, "config", h100, probe_tflops=700.0), on_gpu=True)
+    assert "logging.peak_tflops (100 TFLOP/s)" in cfg_low
+    (missing,) = peak_warnings(Peak(300.0, "measured", "NVIDIA T4", 300.0), on_gpu=True)
+    assert "not in megalite's peak table" in missing and "PEAK_BF16_TFLOPS" in missing
+    # A CPU has no table entry by design: its measured peak is the reference, no warning.
+    assert peak_warnings(Peak(0.2, "measured", "CPU x86_64", 0.2), on_gpu=False) == []
+
+
+def test_resolve_peak_probes_a_gpu_and_warns(monkeypatch):
+    """The start-up probe's wiring, with the GEMM and the device name faked (no GPU here)."""
+    monkeypatch.setattr(metrics, "measure_matmul_tflops", lambda device, dtype, n, repeats: 2000.0)
+    monkeypatch.setattr(metrics, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    with pytest.warns(PeakWarning, match="exceed 100 %"):
+        peak = metrics.resolve_peak(torch.device("cuda"), torch.bfloat16, None)
+    assert (peak.tflops, peak.source, peak.probe_tflops) == (989.4, "table", 2000.0)
+    assert "GEMM probe 2e+03 TFLOP/s = 202% of it" in peak.label
+    monkeypatch.setattr(metrics, "device_name", lambda device: "NVIDIA Quantum X1")
+    with pytest.warns(PeakWarning, match="not in megalite's peak table"):
+        peak = metrics.resolve_peak(torch.device("cuda"), torch.bfloat16, None)
+    assert (peak.tflops, peak.source) == (2000.0, "measured")
+
+
+def test_mfu_over_100_percent_is_flagged():
+    peak = Peak(0.1, "measured", "CPU")
+    assert mfu_warning(0.95, peak) is None
+    assert "MFU 120% exceeds 100 %" in mfu_warning(1.2, peak)
+
+
+def test_reset_peak_memory_restarts_the_cpu_peak():
+    x = torch.ones(64 * 2**20)  # 256 MB, touched
+    del x
+    before = peak_memory_gb(torch.device("cpu"))
+    assert reset_peak_memory(torch.device("cpu"))
+    after = peak_memory_gb(torch.device("cpu"))
+    assert after < before - 0.2
 
 
 def test_redact_drops_secrets():

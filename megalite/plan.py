@@ -1,0 +1,498 @@
+"""`megalite-plan`: what to train with a compute budget, and whether a layout fits in memory.
+
+    megalite-plan --gpus 1024 --gpu h100 --hours 720 --mfu 0.4
+    megalite-plan --gpus 64 --gpu a100 --hours 168 --mfu 0.45 --model llama3_8b --tokens 1e12
+    megalite-plan --gpus 8 --gpu h100 --hours 24 --layout fsdp_tp parallel.tp=4 \\
+        train.micro_batch_size=2 parallel.activation_checkpointing=full
+
+The arithmetic (README, "Benchmarks and planning"):
+
+- budget: C = GPUs x dense peak FLOP/s x MFU x seconds.
+- training FLOPs of N parameters on D tokens: C = 6 N D (2 FLOPs per parameter per token
+  forward, 4 backward; attention and embeddings left out, as in Kaplan et al. and Hoffmann et al.).
+- compute-optimal (Hoffmann et al. 2022, "Chinchilla"): D = 20 N, so N = sqrt(C / 120), D = 20 N.
+  With r tokens per parameter in general: N = sqrt(C / (6 r)), D = r N. An inference-heavy plan
+  takes r > 20: a smaller model (cheaper per generated token) trained on more tokens for the same
+  C (Llama 2 7B was trained at ~290 tokens per parameter, Llama 3 8B at ~1900).
+- wall time of a run: megalite's FLOPs per token (metrics.flops_per_token, the count its MFU
+  uses) x tokens / (GPUs x peak x MFU).
+- memory per rank: `estimate_memory`, described there; every training run logs it at start-up
+  and the measured peak after its first logged step.
+
+Memory is in GB of 2^30 bytes, as the trainer's `mem_gb`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megalite.config import (
+    DEEPSPEED_STRATEGIES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    resolve_degrees,
+)
+from megalite.metrics import (
+    AC_MODES,
+    PEAK_BF16_TFLOPS,
+    PRECISIONS,
+    flops_per_token,
+    lookup_peak_tflops,
+    match_device,
+    matmul_params,
+)
+
+GB = 2**30
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+INFERENCE_TOKENS_PER_PARAM = 200.0
+# Usable share of a device's memory: the CUDA context, NCCL buffers and allocator fragmentation
+# take the rest.
+USABLE_FRACTION = 0.9
+
+# Memory per device, GB, for the devices of the peak table (the common variant; a size written in
+# the device name, as in "A100-SXM4-40GB", wins).
+DEVICE_MEMORY_GB: dict[str, float] = {
+    "gh200": 96,
+    "h200": 141,
+    "h100 nvl": 94,
+    "h100 pcie": 80,
+    "h100": 80,
+    "h800": 80,
+    "b200": 180,
+    "gb200": 186,
+    "a100": 80,
+    "a800": 80,
+    "l40s": 48,
+    "l4": 24,
+    "a10g": 24,
+    "a10": 24,
+    "mi300x": 192,
+    "mi325x": 256,
+    "mi250x": 128,
+}
+assert set(DEVICE_MEMORY_GB) == {key for key, _ in PEAK_BF16_TFLOPS}
+
+
+# ------------------------------------------------------------------------------ compute
+def compute_budget(n_gpus: int, peak_tflops: float, hours: float, mfu: float) -> float:
+    """FLOPs that n_gpus deliver in `hours` at `mfu` of a dense peak of `peak_tflops` each."""
+    for key, value in (("gpus", n_gpus), ("peak TFLOP/s", peak_tflops), ("hours", hours)):
+        if not value > 0:
+            raise ValueError(f"{key}={value} must be > 0")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu} must be in (0, 1]; 0.4 means 40 %")
+    return n_gpus * peak_tflops * 1e12 * mfu * hours * 3600.0
+
+
+def training_flops(n_params: float, tokens: float) -> float:
+    """C = 6 N D."""
+    return 6.0 * n_params * tokens
+
+
+def compute_optimal(
+    flops: float, tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM
+) -> tuple[float, float]:
+    """(N parameters, D tokens) with C = 6 N D and D = tokens_per_param x N."""
+    if not flops > 0 or not tokens_per_param > 0:
+        raise ValueError(f"flops={flops} and tokens_per_param={tokens_per_param} must be > 0")
+    n = math.sqrt(flops / (6.0 * tokens_per_param))
+    return n, tokens_per_param * n
+
+
+def wall_time_hours(flops: float, n_gpus: int, peak_tflops: float, mfu: float) -> float:
+    """Hours to execute `flops` model FLOPs on n_gpus at `mfu` of `peak_tflops` each."""
+    return flops / compute_budget(n_gpus, peak_tflops, 1.0, mfu)
+
+
+# ------------------------------------------------------------------------------ models
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block: attention, SwiGLU and two norm weights."""
+    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    return attn + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the model `cfg` describes (tied embeddings counted once), from its shape."""
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    return cfg.vocab_size * cfg.dim + cfg.n_layers * block_params(cfg) + cfg.dim + head
+
+
+def load_presets(conf_dir: Path | None = None) -> dict[str, ModelConfig]:
+    """Every model preset of conf/model, by name."""
+    from omegaconf import OmegaConf
+
+    if conf_dir is None:
+        from megalite.train import CONF_DIR
+
+        conf_dir = Path(CONF_DIR)
+    presets = {}
+    for path in sorted((conf_dir / "model").glob("*.yaml")):
+        fields = OmegaConf.to_container(OmegaConf.load(path))
+        fields.pop("defaults", None)
+        presets[path.stem] = ModelConfig(**fields)
+    return presets
+
+
+def closest_preset(n_params: float, presets: dict[str, ModelConfig]) -> tuple[str, int]:
+    """The preset whose parameter count is nearest to n_params on a log scale, and its count."""
+    if not presets:
+        raise ValueError("no model presets to choose from (conf/model/*.yaml)")
+    counts = {name: param_count(cfg) for name, cfg in presets.items()}
+    name = min(counts, key=lambda k: abs(math.log(counts[k] / n_params)))
+    return name, counts[name]
+
+
+# ------------------------------------------------------------------------------ memory
+# Bytes that autograd keeps per token between forward and backward, measured on megalite's model
+# (reference RMSNorm, which saves fp32 copies; SDPA, which saves q, k, v, the output and a
+# log-sum-exp per head) and checked against saved_tensors_hooks in tests/test_plan.py.
+# Modes: fp32 training; "autocast" (bf16 autocast over fp32 weights: single, ddp, tp); "bf16"
+# (bf16 parameters: FSDP2's MixedPrecisionPolicy, DeepSpeed). Coefficients of (C, K, F, H) =
+# (dim, kv_heads * head_dim, ffn hidden, n_heads), plus a constant.
+_LAYER = {"fp32": (32, 8, 16, 4, 8), "autocast": (30, 4, 8, 4, 8), "bf16": (24, 4, 8, 4, 8)}
+# Selective checkpointing keeps the block input, every matmul output and the attention outputs.
+_LAYER_SELECTIVE = {
+    "fp32": (20, 8, 8, 4, 0),
+    "autocast": (12, 4, 4, 4, 0),
+    "bf16": (10, 4, 4, 4, 0),
+}
+# Full checkpointing keeps only the block input (the residual stream: bf16 only under bf16
+# parameters).
+_RESIDUAL = {"fp32": 4, "autocast": 4, "bf16": 2}
+# Final norm, the output layer's input, fp32 logits for the loss, and the tokens and targets
+# (int64): coefficients of (C, V) and a constant.
+_HEAD = {"fp32": (12, 4, 20), "autocast": (10, 4, 20), "bf16": (10, 4, 20)}
+# The logits' gradient, live with every activation at the start of backward (fp32, plus its bf16
+# cast for the output matmul).
+_LOGITS_GRAD = {"fp32": 4, "autocast": 6, "bf16": 6}
+
+
+def precision_mode(cfg: Config) -> str:
+    """fp32, autocast (bf16 compute over fp32 weights) or bf16 (bf16 parameters)."""
+    if cfg.train.precision == "fp32":
+        return "fp32"
+    sharded = cfg.parallel.strategy in ("fsdp", "hsdp", "fsdp_tp", *DEEPSPEED_STRATEGIES)
+    return "bf16" if sharded else "autocast"
+
+
+def activation_bytes(
+    cfg: ModelConfig,
+    tokens: int,
+    mode: str,
+    activation_checkpointing: str = "none",
+    fused_loss: bool = False,
+    logits_grad: bool = True,
+) -> float:
+    """Peak activation bytes of one micro-batch of `tokens` tokens on one device (no tensor
+    parallelism), at the start of backward: what autograd saved, plus (logits_grad) the logits'
+    gradient. With checkpointing, one block's activations are rebuilt at a time in backward, so
+    one full block counts on top of what is kept."""
+    if activation_checkpointing not in AC_MODES:
+        raise ValueError(
+            f"parallel.activation_checkpointing={activation_checkpointing!r} is not one of "
+            f"{', '.join(AC_MODES)}"
+        )
+    c, k = cfg.dim, cfg.kv_heads * cfg.head_dim
+    f, h, v = cfg.hidden_dim, cfg.n_heads, cfg.vocab_size
+
+    def per_layer(coef: tuple[int, int, int, int, int]) -> float:
+        return coef[0] * c + coef[1] * k + coef[2] * f + coef[3] * h + coef[4]
+
+    full_layer = per_layer(_LAYER[mode])
+    if activation_checkpointing == "none":
+        layers = cfg.n_layers * full_layer
+    elif activation_checkpointing == "selective":
+        layers = cfg.n_layers * per_layer(_LAYER_SELECTIVE[mode]) + full_layer
+    else:
+        layers = cfg.n_layers * _RESIDUAL[mode] * c + full_layer
+    head_c, head_v, head_const = _HEAD[mode]
+    # The fused linear + cross-entropy loss never materializes the logits.
+    logits = 0 if fused_loss else (head_v + (_LOGITS_GRAD[mode] if logits_grad else 0)) * v
+    return tokens * (layers + head_c * c + head_const + logits)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-rank memory of a training configuration, GB (2^30 bytes)."""
+
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    # Autocast's bf16 weight copies, DDP's gradient buckets, FSDP's unsharded blocks.
+    buffers_gb: float
+    activations_gb: dict[str, float]  # per activation_checkpointing mode
+    activation_checkpointing: str  # the configured mode
+    layout: str
+
+    def total_gb(self, activation_checkpointing: str | None = None) -> float:
+        ac = activation_checkpointing or self.activation_checkpointing
+        states = self.params_gb + self.grads_gb + self.optimizer_gb
+        return states + self.buffers_gb + self.activations_gb[ac]
+
+    def summary(self) -> str:
+        ac = self.activation_checkpointing
+        return (
+            f"memory plan per rank ({self.layout}): params {_size(self.params_gb)} + grads "
+            f"{_size(self.grads_gb)} + optimizer {_size(self.optimizer_gb)} + buffers "
+            f"{_size(self.buffers_gb)} + activations {_size(self.activations_gb[ac])} "
+            f"(checkpointing {ac}) = {_size(self.total_gb())}"
+        )
+
+    def compare(self, measured_gb: float, device: torch.device) -> str:
+        """The measured peak next to the plan, saying what the measurement holds."""
+        what = (
+            "torch.cuda.max_memory_allocated; the CUDA context and the allocator's cache come "
+            "on top"
+            if device.type == "cuda"
+            else "on a CPU the measured peak is the whole process's RSS, including the Python "
+            "and torch runtime and the data loader"
+        )
+        planned = self.total_gb()
+        return (
+            f"memory: measured peak {_size(measured_gb)} per rank vs planned {_size(planned)} "
+            f"(x{measured_gb / planned:.3g}; {what})"
+        )
+
+
+def _size(gb: float) -> str:
+    mb = gb * 1024
+    return f"{mb:.3g} MB" if mb < 999.5 else f"{gb:.3g} GB"
+
+
+def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
+    """Per-rank memory of training `cfg` on `world_size` ranks.
+
+    States (fp32 master weights, fp32 gradients and two fp32 AdamW moments: 4 + 4 + 8 bytes per
+    parameter), divided by what shards them: tp for every layout; dp_shard for FSDP2 layouts;
+    for DeepSpeed ZeRO-1/2/3 the data-parallel size for the optimizer / + gradients / +
+    parameters (under bf16 DeepSpeed keeps bf16 parameters and gradients in the model, and fp32
+    master weights and gradient partitions with the optimizer). Buffers: autocast keeps bf16
+    copies of the matmul weights from forward to backward; DDP copies gradients into its
+    buckets; FSDP2 holds the root module and two blocks unsharded (compute dtype) and one
+    block's unsharded fp32 gradients. Activations: `activation_bytes` for micro_batch_size x
+    seq_len tokens, divided by tp (sequence parallelism shards the rest); the logits count
+    unless train.loss is fused_linear (resolve `auto` backends first). Not counted:
+    communication buckets of DeepSpeed and NCCL, torch.compile's changes to what is saved, and
+    the Triton norm (which saves less than the reference norm: the plan is then an upper bound).
+    """
+    m = cfg.model
+    dp_replicate, dp_shard, tp = resolve_degrees(cfg.parallel, world_size)
+    strategy = cfg.parallel.strategy
+    mode = precision_mode(cfg)
+    p = float(param_count(m))
+    block = float(block_params(m))
+    root = p - m.n_layers * block  # embedding, final norm, output layer
+    pbytes = 4 if mode == "fp32" else 2
+
+    buffers = 0.0
+    if strategy in DEEPSPEED_STRATEGIES:
+        dp = dp_replicate * dp_shard
+        stage = int(strategy.removeprefix("zero"))
+        model_bytes = 4 if mode == "fp32" else 2
+        params = model_bytes * p / (dp if stage >= 3 else 1)
+        grads = model_bytes * p / (dp if stage >= 2 else 1)
+        optimizer = 8 * p / dp
+        if mode != "fp32":
+            grads += 4 * p / dp  # fp32 gradient partition
+            optimizer += 4 * p / dp  # fp32 master weights
+    else:
+        shard = tp * (dp_shard if strategy in ("fsdp", "hsdp", "fsdp_tp") else 1)
+        params, grads, optimizer = 4 * p / shard, 4 * p / shard, 8 * p / shard
+        if strategy in ("fsdp", "hsdp", "fsdp_tp"):
+            buffers = ((root + 2 * block) * pbytes + 4 * block) / tp
+        else:
+            if mode == "autocast":
+                buffers += 2 * matmul_params(m) / tp
+            if strategy == "ddp" and dp_replicate > 1:
+                buffers += 4 * p / tp
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    fused = cfg.train.loss == "fused_linear"
+    acts = {ac: activation_bytes(m, tokens, mode, ac, fused) / tp / GB for ac in AC_MODES}
+    layout = (
+        f"{strategy} dp_replicate {dp_replicate} x dp_shard {dp_shard} x tp {tp}, {mode}, "
+        f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}, loss {cfg.train.loss}"
+    )
+    return MemoryEstimate(
+        params_gb=params / GB,
+        grads_gb=grads / GB,
+        optimizer_gb=optimizer / GB,
+        buffers_gb=buffers / GB,
+        activations_gb=acts,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        layout=layout,
+    )
+
+
+def device_memory_gb(name: str) -> float | None:
+    """Memory of a device by name: a size written in the name ("A100-SXM4-40GB") if it is a
+    plausible single-GPU size, else the table's, else None."""
+    m = re.search(r"(\d+)\s*gb", name.lower())
+    if m and 8 <= int(m.group(1)) <= 256:
+        return float(m.group(1))
+    key = match_device(name)
+    return DEVICE_MEMORY_GB.get(key) if key else None
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _si(x: float, unit: str = "") -> str:
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g}{suffix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megalite-plan",
+        description="Compute budget -> compute-optimal model and tokens, closest preset, memory "
+        "per rank for a layout, and wall time. Trailing KEY=VALUE arguments are megalite-train "
+        "overrides for the memory plan (parallel.tp=4, train.micro_batch_size=2, ...).",
+    )
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", default="h100", help="GPU type, e.g. h100, 'h100 pcie', a100, mi300x")
+    p.add_argument("--hours", type=float, required=True, help="wall-clock hours of training")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU, 0-1 (default 0.4)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="peak to use")
+    p.add_argument("--peak-tflops", type=float, help="dense peak per GPU, overrides the table")
+    p.add_argument("--gpu-mem-gb", type=float, help="memory per GPU, overrides the table")
+    p.add_argument(
+        "--inference-tokens-per-param",
+        type=float,
+        default=INFERENCE_TOKENS_PER_PARAM,
+        help=f"tokens per parameter of the inference-heavy plan (default "
+        f"{INFERENCE_TOKENS_PER_PARAM:g})",
+    )
+    p.add_argument(
+        "--model",
+        help="preset for the memory plan and wall time (default: the "
+        "preset closest to the compute-optimal size)",
+    )
+    p.add_argument("--layout", default="fsdp", help="conf/parallel preset (default fsdp)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-batch")
+    p.add_argument("--seq-len", type=int, help="default: min(8192, the model's max_seq_len)")
+    p.add_argument(
+        "--tokens",
+        type=float,
+        help="tokens to train on for the wall time (default: 20 per parameter of the model)",
+    )
+    p.add_argument("overrides", nargs="*", help="megalite-train overrides (KEY=VALUE)")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"megalite-plan: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    key = match_device(args.gpu)
+    peak = args.peak_tflops or (lookup_peak_tflops(args.gpu, args.precision) if key else None)
+    if peak is None:
+        known = ", ".join(k for k, _ in PEAK_BF16_TFLOPS)
+        why = (
+            f"{args.gpu!r} has no {args.precision} peak in the table"
+            if key
+            else f"--gpu={args.gpu!r} is not in the peak table ({known})"
+        )
+        return _fail(f"{why}; pass --peak-tflops <dense {args.precision} TFLOP/s per GPU>")
+    gpu_name = key.upper() if key else args.gpu
+    try:
+        budget = compute_budget(args.gpus, peak, args.hours, args.mfu)
+        plans = [
+            ("compute-optimal", CHINCHILLA_TOKENS_PER_PARAM),
+            ("inference-heavy", args.inference_tokens_per_param),
+        ]
+        optimal = [(label, r, *compute_optimal(budget, r)) for label, r in plans]
+    except ValueError as e:
+        return _fail(str(e))
+    presets = load_presets()
+
+    print(
+        f"megalite-plan: {args.gpus} x {gpu_name} ({peak:g} TFLOP/s dense {args.precision}) x "
+        f"{args.hours:g} h at {100 * args.mfu:.0f}% MFU"
+    )
+    print(f"compute budget C = {budget:.3g} FLOPs (6ND)\n")
+    print(f"{'plan':<17}{'tokens/param':>13}{'params N':>11}{'tokens D':>11}   closest preset")
+    for label, r, n, d in optimal:
+        name, count = closest_preset(n, presets)
+        print(f"{label:<17}{r:>13g}{_si(n):>11}{_si(d):>11}   {name} ({_si(count)})")
+    n_opt, n_inf = optimal[0][2], optimal[1][2]
+    print(
+        f"the inference-heavy model is {n_opt / n_inf:.2g}x smaller (so {n_opt / n_inf:.2g}x "
+        f"cheaper per generated token) and sees {optimal[1][3] / optimal[0][3]:.2g}x the tokens"
+    )
+
+    model_name = args.model or closest_preset(n_opt, presets)[0]
+    if model_name not in presets:
+        return _fail(f"--model={model_name!r} is not a preset; pick one of {', '.join(presets)}")
+    model = presets[model_name]
+    seq_len = args.seq_len or min(8192, model.max_seq_len)
+    try:
+        from megalite.model.transformer import resolve_backends
+        from megalite.train import compose_config
+
+        cfg = compose_config(
+            [
+                f"model={model_name}",
+                f"parallel={args.layout}",
+                f"data.seq_len={seq_len}",
+                f"train.micro_batch_size={args.micro_batch}",
+                *args.overrides,
+            ]
+        )
+        # The plan is for GPUs: `auto` backends resolve as they would on CUDA.
+        model_cfg, loss = resolve_backends(cfg.model, cfg.train.loss, "cuda", cfg.parallel.tp)
+        cfg = dataclasses.replace(
+            cfg, model=model_cfg, train=dataclasses.replace(cfg.train, loss=loss)
+        )
+        est = estimate_memory(cfg, args.gpus)
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e).splitlines()[0])
+    except Exception as e:  # Hydra's own errors for unknown presets and bad overrides
+        return _fail(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    mem = args.gpu_mem_gb or device_memory_gb(args.gpu)
+    print(f"\nmemory per rank: {model_name} ({_si(param_count(cfg.model))} params), {est.layout}")
+    print(f"{'GB':<14}" + "".join(f"{'AC ' + ac:>15}" for ac in AC_MODES))
+    rows = [
+        ("params", est.params_gb),
+        ("grads", est.grads_gb),
+        ("optimizer", est.optimizer_gb),
+        ("buffers", est.buffers_gb),
+    ]
+    for label, value in rows:
+        print(f"{label:<14}" + f"{value:>15.3g}" * len(AC_MODES))
+    print(f"{'activations':<14}" + "".join(f"{est.activations_gb[ac]:>15.3g}" for ac in AC_MODES))
+    print(f"{'total':<14}" + "".join(f"{est.total_gb(ac):>15.3g}" for ac in AC_MODES))
+    if mem:
+        usable = USABLE_FRACTION * mem
+        verdicts = ["fits" if est.total_gb(ac) <= usable else "does not fit" for ac in AC_MODES]
+        print(f"{'on ' + _si(mem) + ' GB':<14}" + "".join(f"{v:>15}" for v in verdicts))
+        print(f"(fits: at most {100 * USABLE_FRACTION:.0f}% of the device's {mem:g} GB)")
+    else:
+        print("(device memory unknown: pass --gpu-mem-gb to check the fit)")
+
+    n_model = param_count(cfg.model)
+    tokens = args.tokens or CHINCHILLA_TOKENS_PER_PARAM * n_model
+    run_flops = flops_per_token(cfg.model, seq_len) * tokens
+    hours = wall_time_hours(run_flops, args.gpus, peak, args.mfu)
+    print(
+        f"\nwall time: {model_name} on {_si(tokens)} tokens ({tokens / n_model:.3g}/param) = "
+        f"{run_flops:.3g} FLOPs by megalite's count at seq_len {seq_len} (6ND: "
+        f"{training_flops(n_model, tokens):.3g}) -> {hours:,.1f} h ({hours / 24:.1f} days) on "
+        f"{args.gpus} x {gpu_name} at {100 * args.mfu:.0f}% MFU"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
