@@ -135,9 +135,7 @@ def check_wandb(mode: str) -> None:
 
 def preflight(cfg: Config, world_size: int) -> Plan:
     """Runs every check; raises PreflightError listing all problems, or returns the Plan."""
-    from megalite.model.transformer import Transformer, count_params
-
-    from megalite.model.transformer import resolve_backends
+    from megalite.model.transformer import Transformer, count_params, resolve_backends
 
     problems: list[str] = []
     device_type = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"

@@ -93,13 +93,37 @@ def test_cli_prints_resolved_config():
 @pytest.mark.parametrize(
     "override, world, message",
     [
-        (["parallel=tp", "model.n_kv_heads=2"], 4, "parallel.tp=4 does not divide model.n_kv_heads=2"),
-        (["parallel=tp", "model.n_heads=4", "model.n_kv_heads=4"], 8, "parallel.tp=8 does not divide model.n_heads=4"),
-        (["parallel=fsdp_tp", "parallel.tp=2", "parallel.dp_shard=3"], 4, "dp_shard=3 x tp=2 = 6 but the world size is 4"),
-        (["parallel=hsdp", "parallel.dp_shard=3"], 4, "multiply to 3, which does not divide the world size 4"),
-        (["parallel=zero3", "parallel.tp=2"], 2, "DeepSpeed ZeRO does not combine with tensor parallelism"),
+        (
+            ["parallel=tp", "model.n_kv_heads=2"],
+            4,
+            "parallel.tp=4 does not divide model.n_kv_heads=2",
+        ),
+        (
+            ["parallel=tp", "model.n_heads=4", "model.n_kv_heads=4"],
+            8,
+            "parallel.tp=8 does not divide model.n_heads=4",
+        ),
+        (
+            ["parallel=fsdp_tp", "parallel.tp=2", "parallel.dp_shard=3"],
+            4,
+            "dp_shard=3 x tp=2 = 6 but the world size is 4",
+        ),
+        (
+            ["parallel=hsdp", "parallel.dp_shard=3"],
+            4,
+            "multiply to 3, which does not divide the world size 4",
+        ),
+        (
+            ["parallel=zero3", "parallel.tp=2"],
+            2,
+            "DeepSpeed ZeRO does not combine with tensor parallelism",
+        ),
         (["parallel=fsdp", "parallel.tp=2"], 2, "parallel.strategy=fsdp with parallel.tp=2"),
-        (["parallel=fsdp_tp", "parallel.tp=2", "train.loss=fused_linear"], 2, "train.loss=fused_linear does not support a vocab-sharded"),
+        (
+            ["parallel=fsdp_tp", "parallel.tp=2", "train.loss=fused_linear"],
+            2,
+            "train.loss=fused_linear does not support a vocab-sharded",
+        ),
     ],
 )
 def test_impossible_layouts_fail_before_any_process_group(override, world, message):
@@ -116,6 +140,13 @@ def test_deepspeed_missing_is_a_clear_error(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"needs DeepSpeed, which is not installed; `pip install megalite\[deepspeed\]`"):
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else real(name, *a),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"needs DeepSpeed, which is not installed; `pip install megalite\[deepspeed\]`",
+    ):
         check_world_size(compose(["parallel=zero2"]), 2)

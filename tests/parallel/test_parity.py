@@ -264,7 +264,9 @@ def test_deepspeed_checkpoint_converts_to_dcp(runs, tiny_data, tmp_path):
     ds_ckpt = runs["zero3"] / "checkpoints" / f"step_{STEPS:08d}"
     cfg = compose(overrides(tiny_data, tmp_path / "x", 4))
     model = build_model(cfg.model)
-    with pytest.raises(CheckpointError, match="written by the deepspeed engine .* convert it first"):
+    with pytest.raises(
+        CheckpointError, match="written by the deepspeed engine .* convert it first"
+    ):
         load_model_weights(ds_ckpt, model, cfg.model)
     out = tmp_path / "converted"
     convert_to_dcp(ds_ckpt, out)
