@@ -1,7 +1,8 @@
 """megalite: PyTorch-native LLM pretraining.
 
-`kernels/` installs as `megalite.kernels` and `conf/` ships inside the package as `megalite/conf`
-(package data), so an installed megalite finds its Hydra configs without the source tree.
+`kernels/` installs as `megalite.kernels`, `conf/` ships inside the package as `megalite/conf` and
+`launch/` as `megalite/launch_templates` (package data), so an installed megalite finds its Hydra
+configs and launch templates without the source tree.
 """
 
 from pathlib import Path
@@ -31,7 +32,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "gpu": ["flash-attn>=2.6"],
+    "gpu": ["flash-attn==2.8.3"],
     "deepspeed": ["deepspeed==0.19.8"],
     "dev": [
         "pytest>=8",
@@ -62,13 +63,18 @@ setup(
         "megalite.interop",
         "megalite.kernels",
         "megalite.conf",
+        "megalite.launch_templates",
     ],
     package_dir={
         "megalite": "megalite",
         "megalite.kernels": "kernels",
         "megalite.conf": "conf",
+        "megalite.launch_templates": "launch",
     },
-    package_data={"megalite.conf": _conf_files()},
+    package_data={
+        "megalite.conf": _conf_files(),
+        "megalite.launch_templates": ["torchrun.sh", "slurm.sbatch"],
+    },
     include_package_data=False,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
@@ -81,6 +87,7 @@ setup(
             "megalite-convert=megalite.interop.cli:main",
             "megalite-bench=megalite.bench:main",
             "megalite-plan=megalite.plan:main",
+            "megalite-launch=megalite.launch:main",
         ]
     },
 )

@@ -148,7 +148,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopSignals:
+    def install(self) -> StopSignals:
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -159,6 +159,7 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()

@@ -78,6 +78,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
+        # SIGUSR1 / SIGTERM from here on become a clean stop, also during a long start-up.
+        self.signals = StopSignals().install()
         # ---- preflight: every cheap check, before any process group, model or data stream
         plan = preflight(cfg, world_size_from_env())
         self.cfg = cfg = plan.cfg
@@ -294,44 +296,45 @@ class Trainer:
         if self.step >= last_step:
             self.logger.info(f"nothing to do: the run is at step {self.step} of {last_step}")
         watchdog = Watchdog(tcfg.watchdog_s)
+        signals = self.signals
         try:
-            with StopSignals() as signals:
-                while self.step < last_step:
-                    t0 = time.perf_counter()
-                    watchdog.arm()
-                    failpoint("step", self.step + 1)
-                    result = self.train_step()
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    watchdog.disarm()
-                    window_time += time.perf_counter() - t0
-                    window_tokens += self.global_batch * self.cfg.data.seq_len
-                    if result.verdict.reason:
-                        self.logger.info(f"step {self.step}: {result.verdict.reason}")
-                    if result.verdict.rollback:
-                        self._rollback(result.verdict.reason)
-                        continue
-                    done = self.step == last_step
-                    if self.step % tcfg.log_every == 0 or done:
-                        self._log_step(result, window_tokens, window_time)
-                        window_time, window_tokens = 0.0, 0
-                    if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or done:
-                        last_val = self.evaluate()
-                        self.logger.log(
-                            {
-                                "step": self.step,
-                                "val_loss": last_val,
-                                "val_ppl": math.exp(min(last_val, 50.0)),
-                                "tokens": self.tokens,
-                            }
-                        )
-                    if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or done:
-                        path = self.save_checkpoint()
-                        self.logger.info(f"checkpoint {path}")
-                    # Every rank stops after the same step, even if only one got the signal.
-                    stop = all_reduce_max(torch.tensor(float(signals.received is not None)))
-                    if stop.item() and not done:
-                        return self._preempted(signals.received)
+            if self._stop_requested():  # a signal during start-up: nothing new to save
+                return self._preempted(signals.received, save=False)
+            while self.step < last_step:
+                t0 = time.perf_counter()
+                watchdog.arm()
+                failpoint("step", self.step + 1)
+                result = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                watchdog.disarm()
+                window_time += time.perf_counter() - t0
+                window_tokens += self.global_batch * self.cfg.data.seq_len
+                if result.verdict.reason:
+                    self.logger.info(f"step {self.step}: {result.verdict.reason}")
+                if result.verdict.rollback:
+                    self._rollback(result.verdict.reason)
+                    continue
+                done = self.step == last_step
+                if self.step % tcfg.log_every == 0 or done:
+                    self._log_step(result, window_tokens, window_time)
+                    window_time, window_tokens = 0.0, 0
+                if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or done:
+                    last_val = self.evaluate()
+                    self.logger.log(
+                        {
+                            "step": self.step,
+                            "val_loss": last_val,
+                            "val_ppl": math.exp(min(last_val, 50.0)),
+                            "tokens": self.tokens,
+                        }
+                    )
+                if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or done:
+                    path = self.save_checkpoint()
+                    self.logger.info(f"checkpoint {path}")
+                # Every rank stops after the same step, even if only one got the signal.
+                if self._stop_requested() and not done:
+                    return self._preempted(signals.received)
             return self._finish(last_val)
         finally:
             watchdog.disarm()
@@ -388,9 +391,14 @@ class Trainer:
             "batches consumed since"
         )
 
-    def _preempted(self, signum: int | None) -> dict:
+    def _stop_requested(self) -> bool:
+        """Every rank stops after the same step, even if only one got the signal."""
+        received = float(self.signals.received is not None)
+        return bool(all_reduce_max(torch.tensor(received)).item())
+
+    def _preempted(self, signum: int | None, save: bool = True) -> dict:
         """SIGUSR1 / SIGTERM: checkpoint now, leave a marker for the launcher, exit cleanly."""
-        path = self.save_checkpoint()
+        path = self.save_checkpoint() if save else checkpoint.newest_complete(self.run_dir)
         name = signal.Signals(signum).name if signum else "signal"
         if self.dist.is_main:
             marker = {"step": self.step, "signal": name, "checkpoint": str(path)}
@@ -435,5 +443,6 @@ class Trainer:
         # Every rank has now released its streaming shared memory; a dataset opened next in
         # this process (a sweep, a test driver) must not see another rank's stale segments.
         barrier()
+        self.signals.restore()
         if self.dist.owns_group:
             shutdown()

@@ -76,3 +76,22 @@ def test_wheel_ships_kernels_conf_and_entry_points(tmp_path):
         timeout=60,
     )
     assert where.stdout.strip().startswith(str(target))
+
+
+def test_dockerfile_pins_agree_with_setup_py():
+    """The image installs the versions setup.py pins: a container and a bare-metal install run
+    the same torch, torchvision and flash-attn (DeepSpeed comes from the extra itself)."""
+    import re
+
+    docker = (REPO / "docker" / "Dockerfile").read_text()
+    setup = (REPO / "setup.py").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", docker, re.M))
+    pins = dict(re.findall(r'"([\w-]+)==([\w.]+)"', setup))
+    assert args["TORCH_VERSION"] == pins["torch"]
+    assert args["TORCHVISION_VERSION"] == pins["torchvision"]
+    assert args["FLASH_ATTN_VERSION"] == pins["flash-attn"]
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:\$\{NGC_PYTORCH\}$", docker, re.M)
+    assert re.fullmatch(r"\d{2}\.\d{2}-py3", args["NGC_PYTORCH"])  # a pinned release, not latest
+    assert 'pip install ".[gpu,deepspeed]"' in docker
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
