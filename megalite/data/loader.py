@@ -114,27 +114,13 @@ def _check_stream(cfg: DataConfig, model: ModelConfig, source: Source, m: dict) 
 def _dataset_class():
     """StreamingDataset that turns a failed shard download or hash check into a DataError
     naming the shard and the stream (streaming itself only logs it from a background thread
-    and ends the epoch early), and records its shared-memory owner (`shm.py`)."""
+    and ends the epoch early), and registers its shared memory safely (`shm.py`)."""
     from streaming import StreamingDataset
 
     class MegaliteDataset(StreamingDataset):
         def __init__(self, *, sources: list[Source], **kwargs) -> None:
-            import torch.distributed as dist
-
-            distributed = dist.is_available() and dist.is_initialized()
-            leader = _local_rank() == 0
-            # The local leader registers the shared-memory prefix that all local ranks then
-            # look up; no other megalite job may register one meanwhile (see shm.py).
-            with shm.registration_lock(hold=leader):
-                if leader:
-                    shm.clean_stale()
-                if distributed:
-                    dist.barrier()
+            with shm.megalite_registration():
                 super().__init__(**kwargs)
-                if leader:
-                    shm.record_owner(self._shm_prefix_int)
-                if distributed:
-                    dist.barrier()
             self.sources = sources
             self._failure: str | None = None
             self._download_lock = threading.Lock()
@@ -341,7 +327,15 @@ class TrainStream:
         return batch.inputs, batch.targets
 
     def close(self) -> None:
+        """Stops streaming's download threads of an unfinished epoch (they would otherwise poll
+        for the life of the process) and releases the dataset."""
         self._it = None
+        iterator = getattr(self.dataset, "_iterator", None)
+        if iterator is not None:
+            iterator.exit()
+        executor = getattr(self.dataset, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
         del self.loader, self.dataset
 
 

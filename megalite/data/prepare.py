@@ -23,11 +23,13 @@ interrupted run leaves nothing half-written, and an existing dataset is replaced
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -347,10 +349,10 @@ def _nothing_left_error(opts: PrepareOptions, scan: _Scan) -> DataError:
     n = scan.documents_in
     drops = {k: v for k, v in scan.dropped.items() if v}
     if set(drops) <= {"empty", "bad_utf8"} and not scan.duplicates:
+        utf8 = f", {drops['bad_utf8']} skipped as not UTF-8" if drops.get("bad_utf8") else ""
         return DataError(
             f"inputs {opts.inputs} hold no text ({n} documents, none with at least "
-            f"{opts.filters.min_chars} non-blank characters{', or not UTF-8' if drops.get('bad_utf8') else ''}); "  # noqa: E501
-            "point at files with text"
+            f"{opts.filters.min_chars} non-blank characters{utf8}); point at files with text"
         )
     return DataError(
         f"every document of {opts.inputs} was filtered out ({n} in; dropped {drops}, "
@@ -472,6 +474,9 @@ def prepare(opts: PrepareOptions) -> dict:
     """Runs the whole pipeline and returns the manifest. Raises DataError before writing
     anything when an input or option is bad, and leaves no output when anything fails."""
     t0 = time.time()
+    # mosaicml-streaming, needed only to write the shards, takes seconds to import (it imports
+    # torch and transformers): import it in the background while the inputs are scanned.
+    threading.Thread(target=importlib.import_module, args=("streaming",), daemon=True).start()
     out = _check_options(opts)
     specials = _special_tokens(opts)
     files, ignored = discover(opts.inputs, opts.text_field)
