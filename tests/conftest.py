@@ -20,6 +20,14 @@ for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.pop("WANDB_API_KEY", None)
 
+# Every in-process training run leaves a few mosaicml-streaming shared-memory descriptors open
+# until exit (megalite.data.shm.release closes most); a session runs ~200 of them.
+import resource  # noqa: E402
+
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft != resource.RLIM_INFINITY and (_hard == resource.RLIM_INFINITY or _soft < _hard):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -336,6 +336,7 @@ class TrainStream:
         executor = getattr(self.dataset, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=True)
+        shm.release(self.dataset)
         del self.loader, self.dataset
 
 
@@ -367,4 +368,6 @@ class ValSet:
             yield tokens[:, :-1], tokens[:, 1:]
 
     def close(self) -> None:
+        if self.dataset is not None:
+            shm.release(self.dataset)
         del self.dataset

@@ -234,3 +234,37 @@ def megalite_registration() -> Iterator[None]:
             yield
         finally:
             streaming_dataset.get_shm_prefix = original
+
+
+def release(dataset: object) -> int:
+    """Closes (and, where this process created them, unlinks) every shared-memory segment a
+    StreamingDataset holds; returns how many. Streaming registers each segment's cleanup with
+    `atexit`, which keeps the segment's file descriptor open until the process exits: a process
+    that opens datasets again and again (a sweep, a test session, a rollback) would run out of
+    descriptors. Call it only when no rank uses the dataset any more."""
+    import atexit
+
+    from streaming.base.shared.memory import SharedMemory
+
+    found: dict[int, SharedMemory] = {}
+
+    def walk(obj: object, depth: int) -> None:
+        if isinstance(obj, SharedMemory):
+            found[id(obj)] = obj
+            return
+        if depth == 0 or not hasattr(obj, "__dict__"):
+            return
+        for value in vars(obj).values():
+            if isinstance(value, dict):
+                value = list(value.values())
+            if isinstance(value, (list, tuple)):
+                for item in value:
+                    walk(item, depth - 1)
+            else:
+                walk(value, depth - 1)
+
+    walk(dataset, 4)
+    for shm in found.values():
+        atexit.unregister(shm.cleanup)
+        shm.cleanup()
+    return len(found)
