@@ -78,10 +78,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
-        # SIGUSR1 / SIGTERM from here on become a clean stop, also during a long start-up.
-        self.signals = StopSignals().install()
         # ---- preflight: every cheap check, before any process group, model or data stream
         plan = preflight(cfg, world_size_from_env())
+        # SIGUSR1 / SIGTERM from here on become a clean stop, also during a long start-up; a
+        # start-up that fails gives the handlers back.
+        self.signals = StopSignals().install()
+        try:
+            self._setup(plan)
+        except BaseException:
+            self.signals.restore()
+            raise
+
+    def _setup(self, plan) -> None:
         self.cfg = cfg = plan.cfg
         tcfg = cfg.train
         self.global_batch, self.dims = plan.global_batch, plan.dims
