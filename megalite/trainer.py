@@ -47,7 +47,7 @@ from megalite.parallel.distributed import (
 )
 from megalite.parallel.parallelize import parallelize, unwrap
 from megalite.plan import estimate_memory
-from megalite.preflight import preflight
+from megalite.preflight import Plan, preflight
 from megalite.resilience import (
     PREEMPTED,
     LossGuard,
@@ -89,7 +89,7 @@ class Trainer:
             self.signals.restore()
             raise
 
-    def _setup(self, plan) -> None:
+    def _setup(self, plan: Plan) -> None:
         self.cfg = cfg = plan.cfg
         tcfg = cfg.train
         self.global_batch, self.dims = plan.global_batch, plan.dims
