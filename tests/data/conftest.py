@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,20 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import BIN
-
-
-@pytest.fixture(autouse=True)
-def private_tmpdir(tmp_path, monkeypatch):
-    """Each test gets its own TMPDIR, so streaming's file locks of one test never meet another's;
-    stale streaming shared memory is removed afterwards (never a live job's: see shm.py)."""
-    from megalite.data import shm
-
-    tmp = tmp_path / "tmpdir"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield tmp
-    shm.clean_stale(tmp)
+from tests.streaming_tmpdir import private_tmpdir  # noqa: F401  (autouse here)
 
 
 @pytest.fixture(scope="session")

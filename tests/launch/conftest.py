@@ -4,7 +4,6 @@ it, a real SLURM cluster on this machine, and a private TMPDIR per test."""
 from __future__ import annotations
 
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from tests.conftest import BIN, REPO, tiny_train_overrides
 from tests.launch.procs import train_records
 from tests.launch.slurm_cluster import SlurmCluster, missing_binaries
+from tests.streaming_tmpdir import private_tmpdir  # noqa: F401  (autouse here)
 
 STEPS = 100
 CKPT_EVERY = 10
@@ -42,20 +42,6 @@ def by_step(run_dir: Path) -> dict[int, tuple[float, int]]:
     steps = [r["step"] for r in recs]
     assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
     return {r["step"]: (r["loss"], r["data_crc"]) for r in recs}
-
-
-@pytest.fixture(autouse=True)
-def private_tmpdir(tmp_path, monkeypatch):
-    """Every process a test starts inherits its own TMPDIR (mosaicml-streaming's file locks);
-    stale streaming shared memory left by killed workers is removed afterwards."""
-    from megalite.data import shm
-
-    tmp = tmp_path / "tmpdir"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield tmp
-    shm.clean_stale(tmp)
 
 
 @pytest.fixture(scope="session")
