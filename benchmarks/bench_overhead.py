@@ -3,10 +3,12 @@ model, the same weights, the same batches and the same AdamW settings, on this m
 
     .venv/bin/python benchmarks/bench_overhead.py [--rounds 5] [--steps 8] [--models debug,tiny]
 
-The bare loop is what a hand-written loop does per step: forward under bf16 autocast, backward,
-clip_grad_norm_, AdamW step, zero_grad, loss.item(). megalite's step adds its bookkeeping: the
-streaming data loader (the bare loop cycles batches already in memory), the lr schedule, the
-loss all-reduce (a no-op at world size 1), the loss guard and the data fingerprint.
+The bare loop is what a hand-written loop does per step: forward (under bf16 autocast with
+--precision bf16), backward, clip_grad_norm_, AdamW step, zero_grad, loss.item(). megalite's step
+adds its bookkeeping: the streaming data loader (the bare loop cycles batches already in memory),
+the lr schedule, the packed loss / stop-flag all-reduce (a no-op at world size 1) read back in
+one device-to-host copy, and the loss guard. (The data fingerprint runs only under
+MEGALITE_DEBUG=fingerprint.)
 
 Both run in one process, interleaved round by round with the order alternating, so load from
 other work on the machine falls on both alike. Each round times `--steps` steps of each after
@@ -59,7 +61,7 @@ def data_dir() -> Path:
     return ensure_data(bench, [SEQ_LEN])[SEQ_LEN]
 
 
-def build(model: str, micro_batch: int, run_dir: Path):
+def build(model: str, micro_batch: int, run_dir: Path, precision: str):
     cfg = compose_config(
         [
             *MODELS[model],
@@ -68,7 +70,7 @@ def build(model: str, micro_batch: int, run_dir: Path):
             f"data.seq_len={SEQ_LEN}",
             f"train.micro_batch_size={micro_batch}",
             "train.max_steps=100000",
-            "train.precision=bf16",
+            f"train.precision={precision}",
             "train.device=cpu",
             f"train.run_dir={run_dir}",
             "logging.console=false",
@@ -91,7 +93,7 @@ def build(model: str, micro_batch: int, run_dir: Path):
 
     def bare_step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
         x, y = batch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model_(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model_.parameters(), clip)
@@ -111,9 +113,13 @@ def time_steps(step, n: int) -> list[float]:
     return times
 
 
-def measure(model: str, micro_batch: int, rounds: int, steps: int, warmup: int) -> dict:
+def measure(
+    model: str, micro_batch: int, rounds: int, steps: int, warmup: int, precision: str
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, bare_step, batches, n_params = build(model, micro_batch, Path(tmp) / "run")
+        trainer, bare_step, batches, n_params = build(
+            model, micro_batch, Path(tmp) / "run", precision
+        )
         cycle = itertools.cycle(batches)
         try:
             runners = {
@@ -140,7 +146,7 @@ def measure(model: str, micro_batch: int, rounds: int, steps: int, warmup: int) 
         "n_params": n_params,
         "micro_batch": micro_batch,
         "seq_len": SEQ_LEN,
-        "precision": "bf16",
+        "precision": precision,
         "rounds": rounds,
         "steps_per_round": steps,
         "megalite_median_ms": 1e3 * mega,
@@ -159,6 +165,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="fp32 by default: on CPUs without native bf16 a bf16 step is ~50x slower and the "
+        "overhead disappears in it",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -181,7 +194,10 @@ def main() -> None:
     }
     rows = []
     for name in args.models.split(","):
-        row = {**common, **measure(name, args.micro_batch, args.rounds, args.steps, args.warmup)}
+        row = {
+            **common,
+            **measure(name, args.micro_batch, args.rounds, args.steps, args.warmup, args.precision),
+        }
         rows.append(row)
         print(
             f"{name:6s} {row['n_params'] / 1e6:5.2f}M params  "

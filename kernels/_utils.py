@@ -94,6 +94,34 @@ def check_reduction(op: str, reduction: object) -> str:
     return reduction  # type: ignore[return-value]
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs its lower-precision ops in on ``device``'s type, or None when
+    autocast is off there.
+
+    Asked per device type, not through ``torch.amp.custom_fwd``: that decorator fixes one device
+    type, while these kernels run on CUDA and, in the interpreter, on CPU.
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def cast_for_autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs of an op autocast would run in lower precision (a matmul), cast as autocast
+    casts them: floating tensors to the autocast dtype when autocast is on for their device.
+    The cast is an ordinary autograd op, so gradients come back in the caller's dtypes."""
+    dtype = autocast_dtype(tensors[0].device)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+def autocast_off(device: torch.device) -> torch.autocast:
+    """Context for an op's host code: its matmuls and buffers keep the dtypes the op chose,
+    whatever autocast state the caller (forward, backward, a compiled graph) runs under."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def num_programs_cap() -> int:
     """How many persistent programs a row-reduction backward should launch (one wave)."""
     if INTERPRET:

@@ -276,7 +276,8 @@ def cross_entropy(
     """Cross-entropy of (N, V) logits against (N,) class indices, like ``F.cross_entropy``.
 
     The loss is fp32 for every logits dtype; the logits gradient has the logits' dtype. Targets
-    equal to ``ignore_index`` contribute 0 and are left out of the "mean" denominator.
+    equal to ``ignore_index`` contribute 0 and are left out of the "mean" denominator. Autocast
+    changes nothing: the logits are read in their dtype and the math is fp32 either way.
     """
     check_tensor(OP, "logits", logits, ndim=2)
     check_target(OP, target, logits.shape[0], "logits")

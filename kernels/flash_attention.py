@@ -31,7 +31,13 @@ import math
 import torch
 import triton
 import triton.language as tl
-from megalite.kernels._utils import INTERPRET, autotune_configs, check_same_device, check_tensor
+from megalite.kernels._utils import (
+    INTERPRET,
+    autotune_configs,
+    cast_for_autocast,
+    check_same_device,
+    check_tensor,
+)
 
 OP = "flash_attention"
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -710,8 +716,10 @@ def flash_attention(
     """Softmax attention of q (B, T, H, D) over k, v (B, T, K, D), H a multiple of K (GQA).
 
     Returns (B, T, H, D) in q's dtype; ``softmax_scale`` defaults to 1/sqrt(D). Matches
-    ``megalite.kernels.reference.attention``. Head dims: 32, 64, 128.
+    ``megalite.kernels.reference.attention``. Head dims: 32, 64, 128. Under autocast q, k, v
+    are cast to the autocast dtype first, as ``F.scaled_dot_product_attention`` does.
     """
+    q, k, v = cast_for_autocast(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, t, ndim=4, contiguous=False)
         if t.stride(-1) != 1:

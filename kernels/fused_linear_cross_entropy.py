@@ -32,7 +32,13 @@ from __future__ import annotations
 
 import torch
 import triton
-from megalite.kernels._utils import check_reduction, check_same_device, check_tensor
+from megalite.kernels._utils import (
+    autocast_off,
+    cast_for_autocast,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+)
 from megalite.kernels.cross_entropy import check_target, forward_rows, reduce_loss
 
 OP = "fused_linear_cross_entropy"
@@ -124,14 +130,17 @@ def _flce_fwd(
     reduction: str,
     compute_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss_N = torch.empty(hidden_NC.shape[0], dtype=torch.float32, device=hidden_NC.device)
-    if not compute_grads:
-        _chunked_pass(hidden_NC, weight_VC, target_N, ignore_index, loss_N, None)
-        return loss_N, hidden_NC.new_empty(0), weight_VC.new_empty(0)
-    factor = _grad_factor(target_N, ignore_index, reduction)
-    grads = _chunked_pass(hidden_NC, weight_VC, target_N, ignore_index, loss_N, factor)
-    assert grads is not None
-    return loss_N, grads[0], grads[1]
+    # The caller's autocast (also live inside compiled graphs and backward) would run the chunk
+    # GEMMs in bf16 against fp32 buffers; fused_linear_cross_entropy has cast the inputs already.
+    with autocast_off(hidden_NC.device):
+        loss_N = torch.empty(hidden_NC.shape[0], dtype=torch.float32, device=hidden_NC.device)
+        if not compute_grads:
+            _chunked_pass(hidden_NC, weight_VC, target_N, ignore_index, loss_N, None)
+            return loss_N, hidden_NC.new_empty(0), weight_VC.new_empty(0)
+        factor = _grad_factor(target_N, ignore_index, reduction)
+        grads = _chunked_pass(hidden_NC, weight_VC, target_N, ignore_index, loss_N, factor)
+        assert grads is not None
+        return loss_N, grads[0], grads[1]
 
 
 @_flce_fwd.register_fake
@@ -157,12 +166,13 @@ def _flce_bwd(
     grad_loss_N: torch.Tensor,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss_N = torch.empty(hidden_NC.shape[0], dtype=torch.float32, device=hidden_NC.device)
-    grads = _chunked_pass(
-        hidden_NC, weight_VC, target_N, ignore_index, loss_N, grad_loss_N.float().contiguous()
-    )
-    assert grads is not None
-    return grads
+    with autocast_off(hidden_NC.device):
+        loss_N = torch.empty(hidden_NC.shape[0], dtype=torch.float32, device=hidden_NC.device)
+        grads = _chunked_pass(
+            hidden_NC, weight_VC, target_N, ignore_index, loss_N, grad_loss_N.float().contiguous()
+        )
+        assert grads is not None
+        return grads
 
 
 @_flce_bwd.register_fake
@@ -223,12 +233,15 @@ def fused_linear_cross_entropy(
     """``cross_entropy(hidden (N, C) @ weight (V, C).T, target (N,))`` without the N x V logits.
 
     Same result as ``megalite.kernels.reference.fused_linear_cross_entropy``: logits in the input
-    dtype, softmax in fp32, an fp32 loss; gradients for hidden and weight in their dtypes.
+    dtype, softmax in fp32, an fp32 loss; gradients for hidden and weight in their dtypes. Under
+    autocast the projection runs in the autocast dtype, as ``F.linear`` would (fp32 master weights
+    and residual stream in, bf16 GEMMs, fp32 gradients out).
     """
     check_tensor(OP, "hidden", hidden, ndim=2)
     check_tensor(OP, "weight", weight, ndim=2)
     check_target(OP, target, hidden.shape[0], "hidden")
     check_same_device(OP, hidden=hidden, weight=weight, target=target)
+    hidden, weight = cast_for_autocast(hidden, weight)
     check_reduction(OP, reduction)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(

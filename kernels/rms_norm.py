@@ -187,7 +187,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """RMSNorm over the last dim of ``x`` (any leading shape), scaled by ``weight`` of shape (C,).
 
     Matches ``megalite.kernels.reference.rms_norm``: fp32 statistics and math, output in x.dtype,
-    gradients for x and weight in their own dtypes.
+    gradients for x and weight in their own dtypes. Autocast changes nothing (as for torch's norms,
+    which autocast keeps in fp32): no input is cast, the host code has no op autocast would touch.
     """
     check_tensor(OP, "x", x)
     check_tensor(OP, "weight", weight, ndim=1)

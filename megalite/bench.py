@@ -44,6 +44,7 @@ from hydra.core.config_store import ConfigStore
 
 from megalite.bench_report import git_sha, markdown_table, write_outputs
 from megalite.config import ConfigError
+from megalite.devices import PRECISIONS, resolve_precision
 from megalite.metrics import AC_MODES
 
 ATTENTION = ("auto", "sdpa", "triton", "flash_attn")
@@ -84,7 +85,8 @@ class BenchConfig:
     data: BenchDataConfig = field(default_factory=BenchDataConfig)
     warmup_steps: int = 3
     measure_steps: int = 10
-    precision: str = "bf16"
+    # auto: bf16 on GPUs and CPUs with native bf16, else fp32 (megalite.devices.resolve_precision)
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     # Ranks of the torchrun job of each multi-rank cell when started plainly; None: the GPU
     # count, or 2 on a CPU.
@@ -109,7 +111,7 @@ class BenchConfig:
         for key in ("nproc", "cpu_threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1 (or null for auto)")
-        for key, choices in (("precision", ("bf16", "fp32")), ("device", ("auto", "cpu", "cuda"))):
+        for key, choices in (("precision", PRECISIONS), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {choices}")
         for key, choices in (
@@ -319,15 +321,9 @@ def _current_memory_gb(device: torch.device) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def _max_over_ranks(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu().tolist()
+def _max_over_ranks(values: list[float], info) -> list[float]:
+    """Each value's maximum over the ranks (a collective on the run's device)."""
+    return info.all_reduce(info.tensor(values, torch.float64), "max").tolist()
 
 
 def run_cell(cell: Cell, bench: BenchConfig, data_dir: Path, run_dir: Path, peak: dict) -> dict:
@@ -370,7 +366,7 @@ def run_cell(cell: Cell, bench: BenchConfig, data_dir: Path, run_dir: Path, peak
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         peak_gb = peak_memory_gb(device)
-        *times, mem, growth = _max_over_ranks([*times, peak_gb, peak_gb - start_gb])
+        *times, mem, growth = _max_over_ranks([*times, peak_gb, peak_gb - start_gb], trainer.dist)
         world = trainer.dist.world_size
         tokens = trainer.global_batch * cfg.data.seq_len
         # The trainer's config has `auto` backends resolved for this device.
@@ -396,6 +392,7 @@ def run_cell(cell: Cell, bench: BenchConfig, data_dir: Path, run_dir: Path, peak
         **{k: f"auto ({used})" for k, (asked, used) in backends.items() if asked != used},
         "status": "ok",
         "reason": warning or "",
+        "precision": resolved.train.precision,  # `auto` made concrete by the trainer's preflight
         "world_size": world,
         "n_params": param_count(cfg.model),
         "global_batch": tokens // cfg.data.seq_len,
@@ -431,23 +428,24 @@ def _resolve_peak(bench: BenchConfig) -> dict:
     from megalite.parallel.distributed import pick_device
 
     device = pick_device(bench.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = torch.bfloat16 if bench.precision == "bf16" else torch.float32
+    precision, _ = resolve_precision(bench.precision, device.type)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     p = resolve_peak(device, dtype, bench.peak_tflops)
     return {"tflops": p.tflops, "source": p.source, "device": p.device_name, "type": device.type}
 
 
 def run_launched(bench: BenchConfig, cells: list[Cell], out: Path, peak: dict | None) -> list[dict]:
     """Every rank of a torchrun / srun job runs every cell together at the job's world size."""
-    from megalite.parallel.distributed import barrier, broadcast_object, init_distributed, shutdown
+    from megalite.parallel.distributed import barrier, init_distributed, shutdown
 
     info = init_distributed(bench.device, "auto", 1800)
     if bench.cpu_threads:
         torch.set_num_threads(bench.cpu_threads)
     try:
         if peak is None:
-            peak = broadcast_object(_resolve_peak(bench) if info.is_main else None)
+            peak = info.broadcast_object(_resolve_peak(bench) if info.is_main else None)
         # Every rank must name the same run dirs (rank 0's clock decides the out dir).
-        out = Path(broadcast_object(str(out)))
+        out = Path(info.broadcast_object(str(out)))
         # Rank 0 prepares missing datasets (multi-node: cache_dir or data.dir on a shared
         # filesystem); the others wait.
         if info.is_main:

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import asdict
@@ -101,6 +102,38 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+_DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")
+_RANK_FILE = re.compile(r"^rank_(\d+)\.pt$")
+_DS_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_")
+
+
+def _owner(name: str) -> int | None:
+    """The rank that wrote a checkpoint file, from its name, or None for a shared file (rank 0
+    writes those): DCP's `__<rank>_<n>.distcp`, megalite's `rank_<rank>.pt`, DeepSpeed's
+    `[bf16_]zero_pp_rank_<rank>_mp_rank_*` (megalite's ZeRO has no model parallelism, so the
+    data-parallel rank is the rank)."""
+    for pattern in (_DCP_SHARD, _RANK_FILE, _DS_SHARD):
+        m = pattern.match(name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _fsync_own_files(tmp: Path, rank: int) -> None:
+    """fsync what this rank wrote. fsync flushes only the calling process's dirty pages on many
+    network filesystems, and one rank syncing every rank's files would serialize the whole
+    checkpoint (850 GB for 70B) behind one node's bandwidth: each rank syncs its own shards, in
+    parallel; rank 0 also the shared files (DCP's .metadata, DeepSpeed's model states)."""
+    for f in tmp.rglob("*"):
+        if f.is_file() and (_owner(f.name) == rank or (_owner(f.name) is None and rank == 0)):
+            _fsync_file(f)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -204,6 +237,9 @@ def save(
     failpoint("save_after_weights", step)
     rank_state = dict(trainer_state, rng=_rng_state(dist_info.device))
     torch.save(rank_state, tmp / f"rank_{dist_info.rank:05d}.pt")
+    # Every rank's files are durable before the barrier, so meta.json (the mark of a complete
+    # checkpoint) is never on disk ahead of a shard.
+    _fsync_own_files(tmp, dist_info.rank)
     barrier()
     failpoint("save_before_meta", step)
     if dist_info.is_main:
@@ -215,10 +251,10 @@ def save(
             "model": model_meta(model_cfg),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
+        _fsync_file(tmp / "meta.json")
+        # The directory entries (DeepSpeed may write into subdirectories), deepest first.
+        for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _fsync_dir(d)
         _fsync_dir(tmp)
         failpoint("save_before_rename", step)
         if final.exists():
@@ -227,6 +263,7 @@ def save(
         failpoint("save_before_latest", step)
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(final.name + "\n")
+        _fsync_file(latest_tmp)
         latest_tmp.replace(root / "latest")
         _fsync_dir(root)
         # Prune after the new checkpoint is complete: the newest is never deleted.

@@ -54,8 +54,8 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
-    # auto: the Triton kernels on CUDA (flash-attn for attention when installed), the PyTorch
-    # references (sdpa, torch) on a CPU.
+    # auto: sdpa and torch on every device (torch SDPA picks flash/cuDNN kernels on CUDA; compile
+    # fuses the norm). megalite's Triton kernels and flash-attn are opt-in.
     attention: str = "auto"  # auto | sdpa | triton | flash_attn
     norm: str = "auto"  # auto | torch | triton
 
@@ -126,6 +126,11 @@ class ParallelConfig:
     # FSDP2: free the unsharded parameters after forward (re-gathered for backward).
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"  # none | full | selective
+    # With gradient accumulation, reduce gradients once per optimizer step instead of once per
+    # micro-batch (DDP no_sync; FSDP2 holds unsharded fp32 gradients meanwhile: parameters x 4
+    # bytes / tp per rank; HSDP defers only the cross-replica all-reduce). false: reduce every
+    # micro-batch, for models whose unsharded gradients do not fit.
+    defer_grad_sync: bool = True
     # Process-group backend: auto picks nccl on CUDA and gloo on CPU.
     backend: str = "auto"
     timeout_s: int = 600
@@ -242,9 +247,12 @@ class DataConfig:
     download_timeout: float = 60.0
     # Samples to download ahead per rank; None: mosaicml-streaming's default (8 x micro-batch).
     predownload: int | None = None
-    # Start-up check of shards read in place (remote shards are always checked as they are
-    # downloaded): hash (sha1 of every shard), size, or none.
-    verify_shards: str = "hash"
+    # Checks of shards read in place (remote shards are always sha1-checked as they download).
+    # size: each shard's size and MDS header against index.json, at start (small reads).
+    # hash: that, plus every shard's sha1 once the process group exists, each shard hashed by
+    #   one rank (shards on node-local copies: each node checks only its share of its copy).
+    # none: no check.
+    verify_shards: str = "size"
     # Refuse data tokenized with any other tokenizer (the tokenizer_sha256 of its manifest).
     tokenizer_sha256: str | None = None
     # How `make demo` / `megalite-data prepare` builds this dataset when it is missing.
@@ -362,9 +370,12 @@ class TrainConfig:
     # Sequences per optimizer step over all ranks; None derives micro x accum x data-parallel size.
     global_batch_size: int | None = None
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
-    # auto: the fused linear + cross-entropy kernel on CUDA (torch's loss-parallel CE under
-    # tensor parallelism), torch on a CPU.
+    # bf16: autocast to bf16 over fp32 master weights; fp32: no autocast. auto (preflight
+    # resolves it once, per device): bf16 on GPUs and on CPUs with native bf16 (AMX,
+    # AVX512-BF16, Arm BF16), fp32 on other CPUs, where bf16 matmuls are emulated and far slower.
+    precision: str = "auto"  # auto | bf16 | fp32
+    # auto: the fused linear + cross-entropy kernel on CUDA (no N x V logits), torch on a CPU
+    # and under tensor parallelism (loss-parallel CE over the vocab-sharded logits).
     loss: str = "auto"  # auto | torch | triton | fused_linear
     compile: bool = False
     run_dir: str = "runs/default"
@@ -395,7 +406,7 @@ class TrainConfig:
         if self.stop_at_step is not None:
             _positive("train.stop_at_step", self.stop_at_step)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train.precision", self.precision, ("bf16", "fp32"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.loss", self.loss, ("auto", "torch", "triton", "fused_linear"))
         _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
         if not self.run_dir:
@@ -419,8 +430,10 @@ class WandbConfig:
 class LoggingConfig:
     console: bool = True
     jsonl: bool = True
-    # Dense bf16 peak TFLOP/s per device for MFU. None: the table for known GPUs, or a short
-    # measured GEMM probe on CPUs and unknown devices (labeled as such in the logs).
+    # Dense bf16 peak TFLOP/s per device for MFU. None: the device table (megalite/devices.py)
+    # for known GPUs, or a measured GEMM peak on CPUs and unknown devices (labeled as such in the
+    # logs). On a CPU that is the best probe in the run's precision ever measured on the machine,
+    # cached in $MEGALITE_CACHE_DIR (default ~/.cache/megalite/cpu_peak.json).
     peak_tflops: float | None = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

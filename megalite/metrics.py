@@ -28,12 +28,14 @@ SiLU, softmax) are excluded from both counts.
 MFU = achieved model FLOP/s per device / peak dense bf16 FLOP/s of that device;
 HFU = achieved hardware FLOP/s per device / the same peak. Without recompute they are equal.
 
-Peak detection: the CUDA device name (`torch.cuda.get_device_name`) is matched, lower-cased, as a
-whole word against the keys of `PEAK_BF16_TFLOPS` (first match wins; `logging.peak_tflops`
-overrides). On a GPU a short GEMM probe (bf16 4096^3 matmuls) measures the achieved matmul
-TFLOP/s at start-up and warns when the table looks wrong: a probe above the peak (an MFU over
-100 % would follow), far below it (another variant of the card, or a throttled or shared GPU),
-or a device missing from the table. CPUs and unknown devices use the measured GEMM peak.
+Peak detection: the CUDA device name (`torch.cuda.get_device_name`) is looked up in the device
+table (megalite/devices.py; `logging.peak_tflops` overrides). On a GPU a short GEMM probe (bf16
+4096^3 matmuls) measures the achieved matmul TFLOP/s at start-up and warns when the table looks
+wrong: a probe above the peak (an MFU over 100 % would follow), far below it (another variant of
+the card, or a throttled or shared GPU), or a device missing from the table. CPUs and unknown
+devices use a measured GEMM peak. On a CPU that is the best probe ever measured on this machine
+(CPU model, thread count, dtype) in the run's precision, cached in `cache_dir()`: a probe taken
+while other work holds the cores reads low and would push MFU over 100 %.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from typing import Any
 import torch
 
 from megalite.config import ModelConfig
+from megalite.devices import lookup_peak_tflops
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -88,70 +91,6 @@ def hardware_flops_per_token(
         matmul_params(cfg) - cfg.dim * cfg.vocab_size - cfg.n_layers * cfg.dim * cfg.hidden_dim
     )
     return model + 2.0 * recomputed + 4.0 * cfg.n_layers * cfg.dim * seq_len
-
-
-# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' datasheets. Matched in
-# order against the lower-cased device name, so the more specific names come first.
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("gh200", 989.4),
-    ("h200", 989.4),
-    ("h100 nvl", 835.0),
-    ("h100 pcie", 756.0),
-    ("h100", 989.4),  # SXM5
-    ("h800", 989.4),
-    ("b200", 2250.0),
-    ("gb200", 2500.0),
-    ("a100", 312.0),
-    ("a800", 312.0),
-    ("l40s", 362.1),
-    ("l4", 121.0),
-    ("a10g", 70.0),
-    ("a10", 125.0),
-    ("mi300x", 1307.4),
-    ("mi325x", 1307.4),
-    ("mi250x", 383.0),
-]
-
-
-# Dense fp8 (E4M3/E5M2) tensor-core peak, TFLOP/s, for the devices that have fp8 (Hopper,
-# Blackwell, Ada, MI300): twice the bf16 peak on each of them. A100, A10 and MI250X have none.
-PEAK_FP8_TFLOPS: dict[str, float] = {
-    "gh200": 1978.9,
-    "h200": 1978.9,
-    "h100 nvl": 1670.0,
-    "h100 pcie": 1513.0,
-    "h100": 1978.9,
-    "h800": 1978.9,
-    "b200": 4500.0,
-    "gb200": 5000.0,
-    "l40s": 733.0,
-    "l4": 242.0,
-    "mi300x": 2614.9,
-    "mi325x": 2614.9,
-}
-PRECISIONS = ("bf16", "fp8")
-
-
-def match_device(device_name: str) -> str | None:
-    """The key of `PEAK_BF16_TFLOPS` that a device name matches as a whole word, or None."""
-    name = device_name.lower()
-    for key, _ in PEAK_BF16_TFLOPS:
-        if re.search(rf"(^|[^a-z0-9]){re.escape(key)}([^a-z0-9]|$)", name):
-            return key
-    return None
-
-
-def lookup_peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
-    """The table's dense peak for a device name such as 'NVIDIA H100 80GB HBM3', or None (a
-    device missing from the table, or one without fp8 when precision='fp8')."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    key = match_device(device_name)
-    if key is None:
-        return None
-    if precision == "fp8":
-        return PEAK_FP8_TFLOPS.get(key)
-    return dict(PEAK_BF16_TFLOPS)[key]
 
 
 def measure_matmul_tflops(
@@ -203,6 +142,8 @@ class Peak:
             "config": f"vs configured peak {self.tflops:g} TFLOP/s",
             "measured": f"vs measured {self.device_name} GEMM peak {self.tflops:.3g} TFLOP/s",
         }[self.source]
+        if self.source == "measured" and self.probe_tflops not in (None, self.tflops):
+            base += f" (best probe on this machine; this run's {self.probe_tflops:.3g})"
         if self.probe_tflops is not None and self.source != "measured":
             base += (
                 f" (GEMM probe {self.probe_tflops:.3g} TFLOP/s = "
@@ -219,7 +160,7 @@ def peak_warnings(peak: Peak, on_gpu: bool) -> list[str]:
     if on_gpu and peak.source == "measured":
         out.append(
             f"device {peak.device_name!r} is not in megalite's peak table "
-            "(megalite/metrics.py PEAK_BF16_TFLOPS), so MFU divides by the measured GEMM peak "
+            "(megalite/devices.py DEVICES), so MFU divides by the measured GEMM peak "
             f"{peak.tflops:.3g} TFLOP/s and reads higher than a datasheet MFU; {fix}"
         )
     if peak.probe_tflops is not None and what is not None:
@@ -250,27 +191,92 @@ def mfu_warning(mfu: float, peak: Peak) -> str | None:
     )
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7B13"), else the architecture ("x86_64")."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    m = re.search(r"^(?:model name|Model Name|Hardware)\s*:\s*(.+)$", text, re.MULTILINE)
+    return m.group(1).strip() if m else platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
+    return f"CPU {cpu_model()} x{torch.get_num_threads()} threads"
 
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+def cache_dir() -> Path:
+    """Where megalite keeps small per-machine facts: $MEGALITE_CACHE_DIR, else ~/.cache/megalite."""
+    return Path(os.environ.get("MEGALITE_CACHE_DIR") or Path.home() / ".cache" / "megalite")
+
+
+CPU_PEAK_FILE = "cpu_peak.json"
+
+
+def best_cpu_peak(key: str, probe: float) -> float:
+    """The best GEMM TFLOP/s ever measured under `key` (CPU model, threads, dtype), this probe
+    included; the probe is stored when it beats the cached value. A cache that cannot be read or
+    written is treated as empty: the probe alone is then the peak."""
+    path = cache_dir() / CPU_PEAK_FILE
+    try:
+        cached = json.loads(path.read_text())
+        if not isinstance(cached, dict):
+            cached = {}
+    except (OSError, ValueError):
+        cached = {}
+    best = cached.get(key)
+    if isinstance(best, (int, float)) and best >= probe:
+        return float(best)
+    cached[key] = probe
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Ranks of one job may write at once: each writes its own file and renames it over.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return probe
+
+
+def _cpu_probe_size(dtype: torch.dtype, budget_s: float = 0.25) -> int:
+    """The largest of 1024, 512, 256 whose matmul takes about `budget_s` or less here: a bf16
+    matmul on a CPU without native bf16 runs ~50x slower than fp32, and a 1024^3 one would make
+    the probe take half a minute."""
+    a = torch.randn(256, 256, dtype=dtype)
+    a @ a
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    t256 = min(times)
+    for n in (1024, 512):
+        if t256 * (n / 256) ** 3 <= budget_s:
+            return n
+    return 256
 
 
 def resolve_peak(device: torch.device, dtype: torch.dtype, override: float | None) -> Peak:
     """Configured peak, else the table for known GPUs, else a measured matmul peak (CPUs).
 
     On a GPU a short bf16 GEMM probe always runs, and a `PeakWarning` is issued when the peak
-    looks wrong against it (`peak_warnings`). On a CPU the probe runs only when no peak is
-    configured (it is then the peak itself)."""
+    looks wrong against it (`peak_warnings`). On a CPU the probe runs in `dtype` (the run's
+    precision) only when no peak is configured, and the peak is the best probe ever measured on
+    this machine at this thread count and dtype (`best_cpu_peak`), so a probe slowed by other
+    work on the cores cannot make MFU exceed 100 %."""
     name = device_name(device)
     on_gpu = device.type == "cuda"
     probe = None
     if on_gpu:
         probe = measure_matmul_tflops(device, torch.bfloat16, n=4096, repeats=10)
     elif override is None:
-        probe = measure_matmul_tflops(device, dtype)
+        n = _cpu_probe_size(dtype)
+        probe = measure_matmul_tflops(device, dtype, n=n, repeats=8)
     table = lookup_peak_tflops(name) if on_gpu else None
     if override is not None:
         peak = Peak(override, "config", name, probe)
@@ -278,7 +284,10 @@ def resolve_peak(device: torch.device, dtype: torch.dtype, override: float | Non
         peak = Peak(table, "table", name, probe)
     else:
         assert probe is not None
-        peak = Peak(probe, "measured", name, probe)
+        best = probe
+        if not on_gpu:
+            best = best_cpu_peak(f"{name} {str(dtype).removeprefix('torch.')}", probe)
+        peak = Peak(best, "measured", name, probe)
     for msg in peak_warnings(peak, on_gpu):
         warnings.warn(msg, PeakWarning, stacklevel=2)
     return peak

@@ -22,7 +22,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             continue
         seen.add(id(p))
         # checkpoint_wrapper and compile insert prefixes; match on the leaf names.
-        is_norm = p.ndim < 2 or name.endswith("norm.weight")
+        # A ZeRO-3 parameter is an empty placeholder; its shape lives in `ds_shape`.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        is_norm = ndim < 2 or name.endswith("norm.weight")
         is_embedding = "tok_embeddings" in name
         if (is_norm and not cfg.decay_norms) or (is_embedding and not cfg.decay_embeddings):
             no_decay.append(p)
@@ -34,15 +36,25 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, fused: bool | None = None
-) -> torch.optim.AdamW:
+def adamw_implementation(device_type: str) -> dict[str, bool]:
+    """AdamW's implementation switch for parameters on `device_type`: `fused` on CUDA (one
+    kernel launch per step for all parameters, DTensor shards included), `foreach` elsewhere
+    (the multi-tensor path; torch's default on CPU is a loop over parameters)."""
+    return {"fused": True} if device_type == "cuda" else {"foreach": True}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, its implementation picked from where the parameters live
+    (build it after the model is materialized: a DTensor parameter reports its local device)."""
+    groups = param_groups(model, cfg)
+    devices = {p.device.type for group in groups for p in group["params"]}
+    device_type = devices.pop() if len(devices) == 1 else "mixed"
     return torch.optim.AdamW(
-        param_groups(model, cfg),
+        groups,
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,
-        fused=fused,
+        **adamw_implementation(device_type),
     )
 
 

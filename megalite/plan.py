@@ -41,15 +41,14 @@ from megalite.config import (
     ModelConfig,
     resolve_degrees,
 )
-from megalite.metrics import (
-    AC_MODES,
-    PEAK_BF16_TFLOPS,
-    PRECISIONS,
-    flops_per_token,
+from megalite.devices import (
+    DEVICES,
+    PEAK_PRECISIONS,
+    lookup_device,
     lookup_peak_tflops,
-    match_device,
-    matmul_params,
+    resolve_precision,
 )
+from megalite.metrics import AC_MODES, flops_per_token, matmul_params
 
 GB = 2**30
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
@@ -57,29 +56,6 @@ INFERENCE_TOKENS_PER_PARAM = 200.0
 # Usable share of a device's memory: the CUDA context, NCCL buffers and allocator fragmentation
 # take the rest.
 USABLE_FRACTION = 0.9
-
-# Memory per device, GB, for the devices of the peak table (the common variant; a size written in
-# the device name, as in "A100-SXM4-40GB", wins).
-DEVICE_MEMORY_GB: dict[str, float] = {
-    "gh200": 96,
-    "h200": 141,
-    "h100 nvl": 94,
-    "h100 pcie": 80,
-    "h100": 80,
-    "h800": 80,
-    "b200": 180,
-    "gb200": 186,
-    "a100": 80,
-    "a800": 80,
-    "l40s": 48,
-    "l4": 24,
-    "a10g": 24,
-    "a10": 24,
-    "mi300x": 192,
-    "mi325x": 256,
-    "mi250x": 128,
-}
-assert set(DEVICE_MEMORY_GB) == {key for key, _ in PEAK_BF16_TFLOPS}
 
 
 # ------------------------------------------------------------------------------ compute
@@ -177,7 +153,8 @@ _LOGITS_GRAD = {"fp32": 4, "autocast": 6, "bf16": 6}
 
 
 def precision_mode(cfg: Config) -> str:
-    """fp32, autocast (bf16 compute over fp32 weights) or bf16 (bf16 parameters)."""
+    """fp32, autocast (bf16 compute over fp32 weights) or bf16 (bf16 parameters). An unresolved
+    `auto` counts as bf16, as it resolves on a GPU (preflight resolves it for the device)."""
     if cfg.train.precision == "fp32":
         return "fp32"
     sharded = cfg.parallel.strategy in ("fsdp", "hsdp", "fsdp_tp", *DEEPSPEED_STRATEGIES)
@@ -334,13 +311,91 @@ def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
 
 def device_memory_gb(name: str) -> float | None:
     """Memory of a device by name: a size written in the name ("A100-SXM4-40GB") if it is a
-    plausible single-GPU size, else the table's, else None."""
+    plausible single-GPU size, else the table's (megalite/devices.py), else None."""
     m = re.search(r"(\d+)\s*gb", name.lower())
     if m and 8 <= int(m.group(1)) <= 256:
         return float(m.group(1))
-    key = match_device(name)
-    return DEVICE_MEMORY_GB.get(key) if key else None
+    device = lookup_device(name)
+    return float(device.memory_gb) if device else None
 
+
+# ------------------------------------------------------------------------------ preemption
+# What `megalite-launch slurm` assumes when it sizes SLURM's warning before the time limit (its
+# --ckpt-write-gbps, --grace-margin and --gpu): each node writes its share of the checkpoint at
+# 1 GB/s (a 10 GbE NFS mount; Lustre or GPFS over InfiniBand often gives 5-20 GB/s per node);
+# the step in flight finishes first, at 30 % MFU; a margin covers the stop handshake, the
+# checkpoint's start-up and the exit; and the warning never comes later than SLURM's customary
+# 120 s before the end.
+CKPT_WRITE_GB_S_PER_NODE = 1.0
+GRACE_MARGIN_S = 60
+GRACE_FLOOR_S = 120
+GRACE_MFU = 0.3
+
+
+def checkpoint_save_seconds(n_params: int, nodes: int, write_gb_s_per_node: float) -> float:
+    """Seconds to write one checkpoint of a model of n_params (fp32 weights and AdamW's two
+    moments: preflight.checkpoint_bytes) when each of `nodes` writes its share at
+    write_gb_s_per_node (10^9 bytes/s): every rank writes its own shard, all at once."""
+    from megalite.preflight import checkpoint_bytes
+
+    if not write_gb_s_per_node > 0:
+        raise ValueError(f"write bandwidth {write_gb_s_per_node} GB/s per node must be > 0")
+    return checkpoint_bytes(n_params) / (nodes * write_gb_s_per_node * 1e9)
+
+
+def step_seconds(cfg: Config, world_size: int, peak_tflops: float, mfu: float) -> float:
+    """Seconds of one optimizer step (global batch x seq_len tokens) at `mfu` of `peak_tflops`
+    per device, by megalite's FLOPs count (metrics.flops_per_token)."""
+    from megalite.config import check_world_size
+
+    tokens = check_world_size(cfg, world_size) * cfg.data.seq_len
+    flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+    return 3600.0 * wall_time_hours(flops, world_size, peak_tflops, mfu)
+
+
+@dataclass(frozen=True)
+class Grace:
+    """How long before the time limit SLURM should warn a job, and why."""
+
+    seconds: int
+    checkpoint_gb: float  # 10^9 bytes
+    save_s: float
+    step_s: float | None  # None: not estimated (no GPU peak to estimate from)
+    margin_s: float
+    floor_s: int
+
+    def summary(self) -> str:
+        step = "" if self.step_s is None else f"step {self.step_s:.0f} s + "
+        estimate = math.ceil(self.save_s + (self.step_s or 0.0) + self.margin_s)
+        total = f"{estimate} s"
+        if estimate < self.floor_s:
+            total += f", raised to the floor of {self.floor_s} s"
+        return (
+            f"{step}checkpoint {self.save_s:.0f} s ({self.checkpoint_gb:,.0f} GB) + margin "
+            f"{self.margin_s:.0f} s = {total}"
+        )
+
+
+def preemption_grace(
+    cfg: Config,
+    nodes: int,
+    world_size: int,
+    write_gb_s_per_node: float = CKPT_WRITE_GB_S_PER_NODE,
+    margin_s: float = GRACE_MARGIN_S,
+    floor_s: int = GRACE_FLOOR_S,
+    peak_tflops: float | None = None,
+    mfu: float = GRACE_MFU,
+) -> Grace:
+    """Seconds between SLURM's warning and the time limit that let a run of `cfg` on
+    `nodes` x (world_size / nodes) ranks finish its step and write its checkpoint: the step
+    (when peak_tflops is known) + the checkpoint write + a margin, at least floor_s."""
+    from megalite.preflight import checkpoint_bytes
+
+    n_params = param_count(cfg.model)
+    save = checkpoint_save_seconds(n_params, nodes, write_gb_s_per_node)
+    step = None if peak_tflops is None else step_seconds(cfg, world_size, peak_tflops, mfu)
+    seconds = max(floor_s, math.ceil(save + (step or 0.0) + margin_s))
+    return Grace(seconds, checkpoint_bytes(n_params) / 1e9, save, step, margin_s, floor_s)
 
 # ---------------------------------------------------------------------------------- CLI
 def _si(x: float, unit: str = "") -> str:
@@ -361,7 +416,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100", help="GPU type, e.g. h100, 'h100 pcie', a100, mi300x")
     p.add_argument("--hours", type=float, required=True, help="wall-clock hours of training")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU, 0-1 (default 0.4)")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="peak to use")
+    p.add_argument("--precision", choices=PEAK_PRECISIONS, default="bf16", help="peak to use")
     p.add_argument("--peak-tflops", type=float, help="dense peak per GPU, overrides the table")
     p.add_argument("--gpu-mem-gb", type=float, help="memory per GPU, overrides the table")
     p.add_argument(
@@ -395,17 +450,17 @@ def _fail(msg: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    key = match_device(args.gpu)
-    peak = args.peak_tflops or (lookup_peak_tflops(args.gpu, args.precision) if key else None)
+    device = lookup_device(args.gpu)
+    peak = args.peak_tflops or (lookup_peak_tflops(args.gpu, args.precision) if device else None)
     if peak is None:
-        known = ", ".join(k for k, _ in PEAK_BF16_TFLOPS)
+        known = ", ".join(d.key for d in DEVICES)
         why = (
             f"{args.gpu!r} has no {args.precision} peak in the table"
-            if key
+            if device
             else f"--gpu={args.gpu!r} is not in the peak table ({known})"
         )
         return _fail(f"{why}; pass --peak-tflops <dense {args.precision} TFLOP/s per GPU>")
-    gpu_name = key.upper() if key else args.gpu
+    gpu_name = device.name if device else args.gpu
     try:
         budget = compute_budget(args.gpus, peak, args.hours, args.mfu)
         plans = [
@@ -450,11 +505,11 @@ def main(argv: list[str] | None = None) -> int:
                 *args.overrides,
             ]
         )
-        # The plan is for GPUs: `auto` backends resolve as they would on CUDA.
+        # The plan is for GPUs: `auto` backends and precision resolve as they would on CUDA.
         model_cfg, loss = resolve_backends(cfg.model, cfg.train.loss, "cuda", cfg.parallel.tp)
-        cfg = dataclasses.replace(
-            cfg, model=model_cfg, train=dataclasses.replace(cfg.train, loss=loss)
-        )
+        precision, _ = resolve_precision(cfg.train.precision, "cuda")
+        train = dataclasses.replace(cfg.train, loss=loss, precision=precision)
+        cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
         est = estimate_memory(cfg, args.gpus)
     except (ConfigError, ValueError) as e:
         return _fail(str(e).splitlines()[0])

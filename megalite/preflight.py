@@ -3,7 +3,8 @@ exists — and every problem found is reported together, so a typo found after t
 costs one resubmission, not five.
 
 Checks: parallel degrees against the world size and the batch arithmetic; the dataset (present,
-readable, tokenizer matching the model); the kernels and backends the config asks for; the
+readable, tokenizer matching the model); the kernels and backends the config asks for (and
+`auto` backends and precision made concrete for the device); the
 checkpoint to resume or start from (present, same model shape, same engine); the run dir
 (writable, with room for at least one checkpoint); wandb (offline, or online with a key and a
 reachable server). The config itself was fully validated when it was built.
@@ -26,6 +27,7 @@ from megalite import checkpoint
 from megalite.config import Config, ConfigError, check_world_size
 from megalite.data.loader import check_dataset
 from megalite.data.prepare import DataError
+from megalite.devices import resolve_precision
 from megalite.model.layers import BackendUnavailableError
 from megalite.parallel.dims import ParallelDims
 
@@ -48,13 +50,16 @@ class PreflightError(ConfigError):
 class Plan:
     """What preflight established, for the trainer to use."""
 
-    cfg: Config  # with concrete backends
+    cfg: Config  # with concrete backends and precision (bf16 or fp32)
     world_size: int
     global_batch: int
     dims: ParallelDims
     manifest: dict
     resume_from: Path | None
     n_params: int
+    # One line saying which precision the run uses and why (`train.precision=auto` resolved for
+    # this device), for the trainer to print once at start.
+    precision_reason: str = ""
 
 
 def resolve_resume(cfg: Config) -> Path | None:
@@ -153,9 +158,11 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     dims = None if global_batch is None else ParallelDims.from_config(cfg.parallel, world_size)
     if dims is not None:
         tp = dims.tp
-    # `auto` backends become concrete ones for this device and layout, once, here.
+    # `auto` backends and precision become concrete ones for this device and layout, once, here.
     model_cfg, loss = resolve_backends(cfg.model, cfg.train.loss, device_type, tp)
-    cfg = dataclasses.replace(cfg, model=model_cfg, train=dataclasses.replace(cfg.train, loss=loss))
+    precision, precision_reason = resolve_precision(cfg.train.precision, device_type)
+    train = dataclasses.replace(cfg.train, loss=loss, precision=precision)
+    cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         problems.append(
             "train.device=cuda but CUDA is not available here; use train.device=cpu or auto"
@@ -191,4 +198,13 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     attempt(check_wandb, cfg.logging.wandb.mode)
     if problems:
         raise PreflightError(problems)
-    return Plan(cfg, world_size, global_batch, dims, manifest, resume_from, n_params)
+    return Plan(
+        cfg,
+        world_size,
+        global_batch,
+        dims,
+        manifest,
+        resume_from,
+        n_params,
+        precision_reason=precision_reason,
+    )

@@ -10,9 +10,9 @@ failpoints the tests use to inject faults.
 - `StopSignals` turns SIGUSR1 (SLURM's warning before the time limit / preemption) and SIGTERM
   into a flag the loop checks between steps: finish the step, checkpoint, leave a PREEMPTED
   marker, exit 0 — the launcher requeues the job and `train.resume=auto` continues it.
-- `failpoint(name)` and `loss_factor(attempt)` do nothing unless the environment variable
-  MEGALITE_FAULT names them; tests use them to kill a process in the middle of a checkpoint
-  save, hang a step, or poison a loss.
+- `Faults` (MEGALITE_FAULT) is test machinery: it lets tests kill a process in the middle of a
+  checkpoint save, hold or fail a chosen step, or poison a loss. Parsed once; a run without it
+  does no per-step work for it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 from megalite.config import GuardConfig
 
@@ -31,42 +32,87 @@ PREEMPTED = "PREEMPTED"
 
 
 # ---------------------------------------------------------------------------------- failpoints
-def _faults() -> dict[str, str]:
-    spec = os.environ.get("MEGALITE_FAULT", "")
-    out = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, _, value = item.partition("=")
-        out[key] = value
-    return out
+class Faults:
+    """Test-only fault injection, parsed once from MEGALITE_FAULT (comma-separated items); a
+    production run has none, and the trainer then skips every fault hook (`active` is False).
+
+    - `kill_at=<name>` or `kill_at=<name>@<step>`: SIGKILL this process at the named point.
+    - `hang_at_step=<n>`: sleep forever at the start of step n (the watchdog's test).
+    - `wait_at_step=<n>`: at the start of step n, write `<run_dir>/FAILPOINT_WAITING` and block
+      until a signal arrives — the test then signals or kills the process at a step it chose.
+    - `raise_at_step=<n>`: raise at the start of step n (`fault_rank=<r>`: on rank r only).
+    - `nan_at=4:5:6` / `spike_at=8`: make those step attempts' loss NaN / 20x (`loss_factor`).
+    """
+
+    def __init__(self, spec: str = "", rank: int = 0, run_dir: Path | None = None) -> None:
+        self.items: dict[str, str] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, _, value = item.partition("=")
+            self.items[key] = value
+        self.rank = rank
+        self.run_dir = run_dir
+        rank_filter = self.items.get("fault_rank")
+        self.on_this_rank = rank_filter is None or int(rank_filter) == rank
+
+    @classmethod
+    def from_env(cls, rank: int = 0, run_dir: Path | None = None) -> Faults:
+        return cls(os.environ.get("MEGALITE_FAULT", ""), rank, run_dir)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.items)
+
+    @property
+    def poisons_loss(self) -> bool:
+        return "nan_at" in self.items or "spike_at" in self.items
+
+    def at(self, name: str, step: int | None = None) -> None:
+        if not self.items or not self.on_this_rank:
+            return
+        kill = self.items.get("kill_at")
+        if kill is not None:
+            where, _, at = kill.partition("@")
+            if where == name and (not at or (step is not None and int(at) == step)):
+                os.kill(os.getpid(), signal.SIGKILL)
+        if name != "step" or step is None:
+            return
+        if self.items.get("raise_at_step") == str(step):
+            raise RuntimeError(f"failpoint: injected error at step {step} on rank {self.rank}")
+        if self.items.get("wait_at_step") == str(step):
+            self._wait_for_signal(step)
+        if self.items.get("hang_at_step") == str(step):
+            while True:
+                time.sleep(3600)
+
+    def _wait_for_signal(self, step: int) -> None:
+        """Announces the wait in a file, then blocks until SIGUSR1 / SIGTERM (SIGKILL just ends
+        the process). The signals are blocked before the file is written, so one sent as soon
+        as the file appears is not lost; it is delivered to the regular handler afterwards."""
+        sigs = {signal.SIGUSR1, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            if self.run_dir is not None:
+                (self.run_dir / "FAILPOINT_WAITING").write_text(f"{step}\n")
+            received = signal.sigwait(sigs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.raise_signal(received)
+
+    def loss_factor(self, attempt: int) -> float:
+        """`nan_at=4:5:6` makes the loss of this process's 4th, 5th and 6th step attempts NaN;
+        `spike_at=8` multiplies the 8th's by 20. Attempts count every step this process runs
+        (they are not rolled back with the step number), like a bad batch."""
+        if str(attempt) in self.items.get("nan_at", "").split(":"):
+            return float("nan")
+        if str(attempt) in self.items.get("spike_at", "").split(":"):
+            return 20.0
+        return 1.0
 
 
 def failpoint(name: str, step: int | None = None) -> None:
-    """Test-only fault injection, inert unless MEGALITE_FAULT is set:
-    `kill_at=<name>` or `kill_at=<name>@<step>` SIGKILLs this process at the named point (of
-    that step); `hang_at_step=<n>` sleeps forever at the start of step n."""
-    faults = _faults()
-    if not faults:
-        return
-    kill = faults.get("kill_at")
-    if kill is not None:
-        where, _, at = kill.partition("@")
-        if where == name and (not at or (step is not None and int(at) == step)):
-            os.kill(os.getpid(), signal.SIGKILL)
-    if name == "step" and step is not None and faults.get("hang_at_step") == str(step):
-        while True:
-            time.sleep(3600)
-
-
-def loss_factor(attempt: int) -> float:
-    """Test-only: `MEGALITE_FAULT=nan_at=4:5:6` makes the loss of this process's 4th, 5th and
-    6th step attempts NaN; `spike_at=8` multiplies the 8th's by 20. Attempts count every step
-    this process runs (they are not rolled back with the step number), like a bad batch."""
-    faults = _faults()
-    if str(attempt) in faults.get("nan_at", "").split(":"):
-        return float("nan")
-    if str(attempt) in faults.get("spike_at", "").split(":"):
-        return 20.0
-    return 1.0
+    """A fault point outside the step loop (checkpoint saves); inert without MEGALITE_FAULT."""
+    if os.environ.get("MEGALITE_FAULT"):
+        Faults.from_env().at(name, step)
 
 
 # ---------------------------------------------------------------------------------- loss guard

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import signal
+import sys
 import time
 import zlib
 from contextlib import nullcontext
@@ -24,10 +26,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from megalite import checkpoint
 from megalite.config import Config
-from megalite.data.loader import TrainStream, ValSet
+from megalite.data.common import DataError
+from megalite.data.loader import TrainStream, ValSet, verify_shard_hashes
 from megalite.metrics import (
     MetricsLogger,
     flops_per_token,
+    mfu_warning,
     peak_memory_gb,
     plot_losses,
     read_metrics,
@@ -37,25 +41,22 @@ from megalite.metrics import (
 from megalite.model.transformer import Transformer, count_params
 from megalite.optim import build_optimizer, lr_at
 from megalite.parallel.distributed import (
-    all_reduce_max,
-    all_reduce_mean,
-    all_reduce_sum,
+    abort,
     barrier,
     init_distributed,
     shutdown,
     world_size_from_env,
 )
-from megalite.parallel.parallelize import parallelize, unwrap
+from megalite.parallel.parallelize import gradient_sync, parallelize, unwrap
 from megalite.plan import estimate_memory
-from megalite.preflight import Plan, preflight
+from megalite.preflight import USER_ERRORS, Plan, preflight
 from megalite.resilience import (
     PREEMPTED,
+    Faults,
     LossGuard,
     StopSignals,
     Verdict,
     Watchdog,
-    failpoint,
-    loss_factor,
 )
 
 
@@ -68,7 +69,15 @@ class StepResult:
     loss: float
     grad_norm: float
     verdict: Verdict
-    data_crc: int
+    # Some rank received SIGUSR1 / SIGTERM: every rank stops after this step.
+    stop: bool = False
+    # Fingerprint of the tokens the step consumed over all ranks (MEGALITE_DEBUG=fingerprint).
+    data_crc: int | None = None
+
+
+def debug_flags() -> set[str]:
+    """MEGALITE_DEBUG=fingerprint,...: checks tests switch on; production steps skip them."""
+    return set(filter(None, os.environ.get("MEGALITE_DEBUG", "").split(",")))
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -85,8 +94,12 @@ class Trainer:
         self.signals = StopSignals().install()
         try:
             self._setup(plan)
-        except BaseException:
+        except BaseException as e:
             self.signals.restore()
+            if getattr(self, "dist", None) is not None and self.dist.owns_group:
+                # Peers may be waiting in a collective for this rank: do not wait for them.
+                report_failure(self.dist.rank, e)
+                abort()
             raise
 
     def _setup(self, plan: Plan) -> None:
@@ -101,6 +114,10 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type)
         torch.manual_seed(tcfg.seed + self.dist.rank)
         self.run_dir = Path(tcfg.run_dir)
+        self._verify_shard_hashes()
+        # Test machinery, parsed once; a production run has none and skips every hook.
+        self.faults = Faults.from_env(self.dist.rank, self.run_dir)
+        self.fingerprint = "fingerprint" in debug_flags()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
@@ -152,6 +169,8 @@ class Trainer:
         self.rollbacks = 0
         self.attempts = 0  # steps run by this process, rollbacks included
         self._data_crc = 0
+        self._saved_step: int | None = None  # the step of the newest checkpoint this job wrote
+        self._mfu_warned = False
         if self.resume_from is not None:
             state = checkpoint.load(
                 self.resume_from, self.model, self.optimizer, cfg.model, self.dist, self.engine
@@ -174,6 +193,7 @@ class Trainer:
             wandb_cfg=cfg.logging.wandb,
             config=self._config_dict(),
         )
+        self.logger.info(plan.precision_reason)
         self.logger.info(
             f"megalite: {cfg.name} | model {cfg.model.name} {self.n_params / 1e6:.2f}M params | "
             f"{cfg.parallel.strategy} {self._layout()} on {self.device} | "
@@ -187,6 +207,20 @@ class Trainer:
             self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
 
     # ------------------------------------------------------------------------------ helpers
+    def _verify_shard_hashes(self) -> None:
+        """data.verify_shards=hash: every rank hashes its share of the shards, now that the
+        process group exists (before it, a long hash would outlast the rendezvous)."""
+        if self.cfg.data.verify_shards != "hash":
+            return
+        problems = verify_shard_hashes(self.cfg.data, self.dist.rank, self.dist.world_size)
+        found = [
+            p for rank_problems in self.dist.all_gather_object(problems) for p in rank_problems
+        ]
+        if found:
+            raise DataError(
+                f"{len(found)} shard(s) fail data.verify_shards=hash:\n" + "\n".join(found)
+            )
+
     def _layout(self) -> str:
         d = self.dims
         return f"(dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp})"
@@ -211,22 +245,27 @@ class Trainer:
         tmp.replace(path)
 
     def _micro_batches(self):
-        for i in range(self.cfg.train.grad_accum_steps):
+        """(inputs, targets, gradient-sync context) per micro-batch: gradients are reduced once
+        per optimizer step, on the last micro-batch (parallelize.gradient_sync)."""
+        accum = self.cfg.train.grad_accum_steps
+        on_gpu = self.device.type == "cuda"
+        for i in range(accum):
             x, y = next(self.stream)
-            # A fingerprint of the tokens this step consumed (tests check resumes with it).
-            self._data_crc = zlib.crc32(x.numpy().tobytes(), self._data_crc)
-            last = i == self.cfg.train.grad_accum_steps - 1
-            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            sync = (
-                nullcontext()
-                if last or not hasattr(self.model, "no_sync")
-                else self.model.no_sync()
+            if self.fingerprint:  # the tokens this step consumed (resume tests compare them)
+                self._data_crc = zlib.crc32(x.numpy().tobytes(), self._data_crc)
+            if on_gpu:  # a page-locked copy makes the host-to-device copy truly asynchronous
+                x, y = x.pin_memory(), y.pin_memory()
+            sync = gradient_sync(
+                self.model, i == accum - 1, self.dims, self.cfg.parallel.defer_grad_sync
             )
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), sync
 
     def train_step(self) -> StepResult:
         """One optimizer step over grad_accum_steps micro-batches. The update is applied only
-        if the loss guard accepts the (globally reduced) loss and gradient norm."""
+        if the loss guard accepts the (globally reduced) loss and gradient norm.
+
+        One device-to-host sync per step: loss, stop flag (and the debug fingerprint) are
+        all-reduced together on the device, and read back with the grad norm in one copy."""
         tcfg = self.cfg.train
         lr = lr_at(self.step, self.cfg.optim, tcfg.max_steps)
         for group in self.optimizer.param_groups:
@@ -234,38 +273,49 @@ class Trainer:
         self.model.train()
         self._data_crc = 0
         self.attempts += 1
-        poison = loss_factor(self.attempts)
+        poison = self.faults.loss_factor(self.attempts) if self.faults.poisons_loss else None
         if self.engine is not None:
             from megalite.parallel import deepspeed as ds
 
             # DeepSpeed applies its update inside engine.step(): the guard can count and roll
             # back, not skip.
-            loss_sum, grad_norm = ds.train_step(
-                self.engine, self._micro_batches(), tcfg.grad_accum_steps, poison
+            loss_sum, norm = ds.train_step(
+                self.engine, self._micro_batches(), tcfg.grad_accum_steps, poison or 1.0
             )
+            grad_norm = torch.tensor(norm, device=self.device)
         else:
             loss_sum = torch.zeros((), device=self.device)
             for x, y, sync in self._micro_batches():
                 with sync, self.loss_context():
                     with self.autocast:
-                        loss = self.model(x, y) * poison
+                        loss = self.model(x, y)
+                        if poison is not None:
+                            loss = loss * poison
                     (loss / tcfg.grad_accum_steps).backward()
                 loss_sum += full(loss.detach()).float()
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = full(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            ).item()
+            # Already global on every rank (DDP's gradients are reduced; FSDP / TP norms are
+            # reduced over the shards): not summed again below.
+            grad_norm = full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         # Every rank of a tensor-parallel group holds the same loss: average over all ranks.
-        loss = all_reduce_mean(loss_sum / tcfg.grad_accum_steps).item()
-        verdict = self.guard.check(loss, grad_norm)
+        summed = [loss_sum / tcfg.grad_accum_steps, self.dist.tensor(self._stop_flag())]
+        if self.fingerprint:
+            summed.append(self.dist.tensor(self._data_crc, torch.float64))
+        reduced = self.dist.all_reduce(torch.stack([t.double() for t in summed]), "sum")
+        host = torch.cat([reduced, grad_norm.detach().double().view(1)]).tolist()  # the sync
+        loss, stop, grad_norm_ = host[0] / self.dist.world_size, host[1] > 0, host[-1]
+        verdict = self.guard.check(loss, grad_norm_)
         if self.engine is None:
             if verdict.apply:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += self.global_batch * self.cfg.data.seq_len
-        crc = all_reduce_sum(torch.tensor(self._data_crc, dtype=torch.float64)).item()
-        return StepResult(loss, grad_norm, verdict, int(crc))
+        crc = int(host[2]) if self.fingerprint else None
+        return StepResult(loss, grad_norm_, verdict, stop, crc)
+
+    def _stop_flag(self) -> float:
+        return float(self.signals.received is not None)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -279,10 +329,11 @@ class Trainer:
             n += 1
         if n == 0:
             return float("nan")
-        return all_reduce_mean(total / n).item()
+        return self.dist.all_reduce(total / n, "mean").item()
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "data": self.stream.state_dict()}
+        self._saved_step = self.step
         return checkpoint.save(
             self.run_dir,
             self.step,
@@ -305,16 +356,17 @@ class Trainer:
             self.logger.info(f"nothing to do: the run is at step {self.step} of {last_step}")
         watchdog = Watchdog(tcfg.watchdog_s)
         signals = self.signals
+        failed = False
         try:
             if self._stop_requested():  # a signal during start-up: nothing new to save
                 return self._preempted(signals.received, save=False)
             while self.step < last_step:
                 t0 = time.perf_counter()
                 watchdog.arm()
-                failpoint("step", self.step + 1)
+                if self.faults.active:
+                    self.faults.at("step", self.step + 1)
+                # Ends with the step's one device-to-host copy, so the time below is real.
                 result = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
                 watchdog.disarm()
                 window_time += time.perf_counter() - t0
                 window_tokens += self.global_batch * self.cfg.data.seq_len
@@ -340,37 +392,46 @@ class Trainer:
                 if (tcfg.ckpt_every and self.step % tcfg.ckpt_every == 0) or done:
                     path = self.save_checkpoint()
                     self.logger.info(f"checkpoint {path}")
-                # Every rank stops after the same step, even if only one got the signal.
-                if self._stop_requested() and not done:
+                # Every rank stops after the same step, even if only one got the signal (the
+                # flag was all-reduced with the step's loss).
+                if result.stop and not done:
                     return self._preempted(signals.received)
             return self._finish(last_val)
+        except BaseException as e:
+            failed = True
+            report_failure(self.dist.rank, e)
+            raise
         finally:
             watchdog.disarm()
-            self.close()
+            self.close(failed=failed)
 
     def _log_step(self, result: StepResult, tokens: int, seconds: float) -> None:
         tok_s = tokens / seconds
         tflops = self.flops_per_token * tok_s / self.dist.world_size / 1e12
-        self.logger.log(
-            {
-                "step": self.step,
-                "loss": result.loss,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": result.grad_norm,
-                "tokens": self.tokens,
-                "tokens_per_s": tok_s,
-                "tokens_per_s_per_device": tok_s / self.dist.world_size,
-                "tflops_per_device": tflops,
-                "mfu": tflops / self.peak.tflops,
-                "peak_tflops": self.peak.tflops,
-                "peak_source": self.peak.source,
-                "mem_gb": peak_memory_gb(self.device),
-                "step_time_s": seconds / max(1, self.cfg.train.log_every),
-                "skipped_steps": self.guard.skipped,
-                "rollbacks": self.rollbacks,
-                "data_crc": result.data_crc,
-            }
-        )
+        mfu = tflops / self.peak.tflops
+        if not self._mfu_warned and (msg := mfu_warning(mfu, self.peak)):
+            self._mfu_warned = True  # once: the peak is wrong for the whole run
+            self.logger.info(f"warning: {msg}")
+        rec = {
+            "step": self.step,
+            "loss": result.loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": result.grad_norm,
+            "tokens": self.tokens,
+            "tokens_per_s": tok_s,
+            "tokens_per_s_per_device": tok_s / self.dist.world_size,
+            "tflops_per_device": tflops,
+            "mfu": mfu,
+            "peak_tflops": self.peak.tflops,
+            "peak_source": self.peak.source,
+            "mem_gb": peak_memory_gb(self.device),
+            "step_time_s": seconds / max(1, self.cfg.train.log_every),
+            "skipped_steps": self.guard.skipped,
+            "rollbacks": self.rollbacks,
+        }
+        if result.data_crc is not None:
+            rec["data_crc"] = result.data_crc
+        self.logger.log(rec)
         if not self._memory_compared:
             self._memory_compared = True
             self.logger.info(self.memory_plan.compare(peak_memory_gb(self.device), self.device))
@@ -400,18 +461,20 @@ class Trainer:
         )
 
     def _stop_requested(self) -> bool:
-        """Every rank stops after the same step, even if only one got the signal."""
-        received = float(self.signals.received is not None)
-        return bool(all_reduce_max(torch.tensor(received)).item())
+        """Did any rank get a stop signal? (Start-up only: steps carry the flag themselves.)"""
+        return self.dist.all_reduce(self.dist.tensor(self._stop_flag()), "max").item() > 0
 
     def _preempted(self, signum: int | None, save: bool = True) -> dict:
-        """SIGUSR1 / SIGTERM: checkpoint now, leave a marker for the launcher, exit cleanly."""
-        path = self.save_checkpoint() if save else checkpoint.newest_complete(self.run_dir)
+        """SIGUSR1 / SIGTERM: checkpoint now, leave a marker for the launcher, exit cleanly.
+        A periodic checkpoint written at this very step is not written again."""
+        fresh = save and self._saved_step != self.step
+        path = self.save_checkpoint() if fresh else checkpoint.newest_complete(self.run_dir)
         name = signal.Signals(signum).name if signum else "signal"
         if self.dist.is_main:
             marker = {"step": self.step, "signal": name, "checkpoint": str(path)}
             (self.run_dir / PREEMPTED).write_text(json.dumps(marker) + "\n")
-        self.logger.info(f"{name}: checkpointed {path} at step {self.step}; exiting for requeue")
+        what = "checkpointed" if fresh else "newest checkpoint"
+        self.logger.info(f"{name}: {what} {path} at step {self.step}; exiting for requeue")
         return {"step": self.step, "tokens": self.tokens, "preempted": True}
 
     def _finish(self, val_loss: float | None) -> dict:
@@ -437,8 +500,10 @@ class Trainer:
                 )
         return summary
 
-    def close(self) -> None:
-        """Releases the data streams and the process group (in that order); safe to call twice."""
+    def close(self, failed: bool = False) -> None:
+        """Releases the data streams and the process group (in that order); safe to call twice.
+        After a failure nothing waits for the other ranks: no barrier (a peer may never arrive,
+        and this rank would sit in it until the group's timeout); the group is aborted."""
         if getattr(self, "_closed", False):
             return
         self._closed = True
@@ -448,9 +513,25 @@ class Trainer:
         # Dropping the DDP wrapper before destroying the group avoids an abort at exit.
         del self.model, self.optimizer, self.engine
         gc.collect()
+        self.signals.restore()
+        if failed:
+            if self.dist.owns_group:
+                abort()
+            return
         # Every rank has now released its streaming shared memory; a dataset opened next in
         # this process (a sweep, a test driver) must not see another rank's stale segments.
         barrier()
-        self.signals.restore()
         if self.dist.owns_group:
             shutdown()
+
+
+def report_failure(rank: int, error: BaseException) -> None:
+    """One line naming the rank and the error, before the traceback, so the failing rank stands
+    out in a job's interleaved logs (user errors are printed once by the CLI instead)."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit, TrainingError, *USER_ERRORS)):
+        return
+    print(
+        f"megalite: rank {rank} failed: {type(error).__name__}: {error}",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -18,6 +18,8 @@ tempfile.tempdir = _SESSION_TMP
 for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
     os.environ[var] = os.path.join(_SESSION_TMP, "wandb")
 os.environ["WANDB_MODE"] = "disabled"
+# The CPU peak cache (megalite.metrics.best_cpu_peak) stays out of $HOME.
+os.environ["MEGALITE_CACHE_DIR"] = os.path.join(_SESSION_TMP, "megalite-cache")
 os.environ.pop("WANDB_API_KEY", None)
 
 # Every in-process training run leaves a few mosaicml-streaming shared-memory descriptors open

@@ -11,15 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megalite import metrics
 from megalite.config import ModelConfig, WandbConfig
+from megalite.devices import DEVICES, lookup_device, lookup_peak_tflops
 from megalite.metrics import (
-    PEAK_BF16_TFLOPS,
-    PEAK_FP8_TFLOPS,
     MetricsLogger,
     Peak,
     PeakWarning,
     flops_per_token,
     hardware_flops_per_token,
-    lookup_peak_tflops,
     matmul_params,
     mfu_warning,
     peak_memory_gb,
@@ -137,12 +135,17 @@ def test_hardware_flops_rejects_unknown_mode():
         ("NVIDIA H100 PCIe", 756.0),
         ("NVIDIA H100 NVL", 835.0),
         ("NVIDIA H200", 989.4),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA GH200 480GB", 989.4),
         ("NVIDIA A100-SXM4-80GB", 312.0),
         ("NVIDIA A100 80GB PCIe", 312.0),
         ("NVIDIA B200", 2250.0),
+        ("NVIDIA GB200", 2500.0),
         ("AMD Instinct MI300X", 1307.4),
+        ("AMD Instinct MI325X", 1307.4),
         ("NVIDIA L40S", 362.1),
         ("NVIDIA A10", 125.0),
+        ("NVIDIA A10G", 70.0),
         ("Tesla T4", None),
     ],
 )
@@ -165,10 +168,43 @@ def test_fp8_peak_lookup(name, tflops):
     assert lookup_peak_tflops(name, "fp8") == tflops
 
 
-def test_fp8_peaks_are_about_twice_bf16_and_keys_are_table_keys():
-    bf16 = dict(PEAK_BF16_TFLOPS)
-    for key, fp8 in PEAK_FP8_TFLOPS.items():
-        assert fp8 / bf16[key] == pytest.approx(2.0, rel=0.02), key
+@pytest.mark.parametrize(
+    "name, key, memory_gb, interconnect_gb_s",
+    [
+        # torch.cuda.get_device_name of each variant: the NVL card must not read as the SXM one.
+        ("NVIDIA H200", "h200", 141, 900),
+        ("NVIDIA H200 NVL", "h200 nvl", 141, 900),
+        ("NVIDIA H100 80GB HBM3", "h100", 80, 900),
+        ("NVIDIA H100 NVL", "h100 nvl", 94, 600),
+        ("NVIDIA GH200 480GB", "gh200", 96, 900),
+        ("NVIDIA B200", "b200", 180, 1800),
+        ("NVIDIA GB200", "gb200", 186, 1800),
+        ("AMD Instinct MI300X", "mi300x", 192, 896),
+        ("AMD Instinct MI325X", "mi325x", 256, 896),
+        ("NVIDIA A10G", "a10g", 24, 64),
+    ],
+)
+def test_device_table_distinguishes_variants(name, key, memory_gb, interconnect_gb_s):
+    device = lookup_device(name)
+    assert device is not None and device.key == key
+    assert (device.memory_gb, device.interconnect_gb_s) == (memory_gb, interconnect_gb_s)
+
+
+def test_device_table_rows_are_complete_and_order_free():
+    keys = [d.key for d in DEVICES]
+    assert len(keys) == len(set(keys))
+    for d in DEVICES:
+        # Every figure has a source: a vendor URL, or a product brief named for what it says.
+        assert "https://" in d.source or "product brief" in d.source, d.key
+        assert d.bf16_tflops > 0 and d.memory_gb > 0 and d.interconnect_gb_s > 0, d.key
+        # Each key finds its own row, whatever rows come before it (longest match wins).
+        assert lookup_device(f"Vendor {d.key.upper()} 99 Edition") is d, d.key
+
+
+def test_fp8_peaks_are_about_twice_bf16():
+    for d in DEVICES:
+        if d.fp8_tflops is not None:
+            assert d.fp8_tflops / d.bf16_tflops == pytest.approx(2.0, rel=0.02), d.key
     with pytest.raises(ValueError, match="precision='fp4'"):
         lookup_peak_tflops("NVIDIA H100", "fp4")
 
@@ -183,7 +219,7 @@ def test_peak_warnings_flag_a_wrong_table():
     (cfg_low,) = peak_warnings(Peak(100.0, "config", h100, probe_tflops=700.0), on_gpu=True)
     assert "logging.peak_tflops (100 TFLOP/s)" in cfg_low
     (missing,) = peak_warnings(Peak(300.0, "measured", "NVIDIA T4", 300.0), on_gpu=True)
-    assert "not in megalite's peak table" in missing and "PEAK_BF16_TFLOPS" in missing
+    assert "not in megalite's peak table" in missing and "devices.py" in missing
     # A CPU has no table entry by design: its measured peak is the reference, no warning.
     assert peak_warnings(Peak(0.2, "measured", "CPU x86_64", 0.2), on_gpu=False) == []
 
@@ -200,6 +236,47 @@ def test_resolve_peak_probes_a_gpu_and_warns(monkeypatch):
     with pytest.warns(PeakWarning, match="not in megalite's peak table"):
         peak = metrics.resolve_peak(torch.device("cuda"), torch.bfloat16, None)
     assert (peak.tflops, peak.source) == (2000.0, "measured")
+
+
+def test_cpu_peak_cache_keeps_the_best_probe(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGALITE_CACHE_DIR", str(tmp_path))
+    assert metrics.best_cpu_peak("cpu A x2 float32", 0.30) == 0.30
+    # A probe taken while other work holds the cores reads low: the best one stays the peak.
+    assert metrics.best_cpu_peak("cpu A x2 float32", 0.05) == 0.30
+    assert metrics.best_cpu_peak("cpu A x2 float32", 0.40) == 0.40
+    # Another thread count or dtype is another machine state with its own entry.
+    assert metrics.best_cpu_peak("cpu A x1 float32", 0.10) == 0.10
+    cached = json.loads((tmp_path / metrics.CPU_PEAK_FILE).read_text())
+    assert cached == {"cpu A x2 float32": 0.40, "cpu A x1 float32": 0.10}
+    # A damaged cache is no error: the probe is the peak and the file is rewritten.
+    (tmp_path / metrics.CPU_PEAK_FILE).write_text("{not json")
+    assert metrics.best_cpu_peak("cpu A x2 float32", 0.20) == 0.20
+    assert json.loads((tmp_path / metrics.CPU_PEAK_FILE).read_text()) == {"cpu A x2 float32": 0.2}
+
+
+def test_resolve_peak_on_cpu_probes_in_the_run_dtype_and_uses_the_cached_best(
+    tmp_path, monkeypatch
+):
+    """The CPU wiring, with the GEMM faked: a high probe, then a low one (a busy machine)."""
+    monkeypatch.setenv("MEGALITE_CACHE_DIR", str(tmp_path))
+    probes = iter([0.5, 0.1])
+    dtypes = []
+
+    def fake_probe(device, dtype, n, repeats):
+        dtypes.append(dtype)
+        return next(probes)
+
+    monkeypatch.setattr(metrics, "measure_matmul_tflops", fake_probe)
+    cpu = torch.device("cpu")
+    first = metrics.resolve_peak(cpu, torch.float32, None)
+    second = metrics.resolve_peak(cpu, torch.float32, None)
+    assert dtypes == [torch.float32, torch.float32]
+    assert (first.tflops, first.source, first.probe_tflops) == (0.5, "measured", 0.5)
+    assert (second.tflops, second.source, second.probe_tflops) == (0.5, "measured", 0.1)
+    assert "best probe on this machine; this run's 0.1" in second.label
+    # A configured peak skips the probe on a CPU.
+    assert metrics.resolve_peak(cpu, torch.float32, 2.0).source == "config"
+    assert len(dtypes) == 2
 
 
 def test_mfu_over_100_percent_is_flagged():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megalite.config import ModelConfig, OptimConfig
 from megalite.model.transformer import build_model
-from megalite.optim import lr_at, param_groups
+from megalite.optim import adamw_implementation, build_optimizer, lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_floor():
@@ -67,3 +68,43 @@ def test_no_weight_decay_on_norms_and_embeddings(tied):
         model, OptimConfig(weight_decay=0.1, decay_norms=True, decay_embeddings=True)
     )
     assert len(both) == 1
+
+
+def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
+    assert adamw_implementation("cuda") == {"fused": True}
+    for device_type in ("cpu", "meta", "mixed"):
+        assert adamw_implementation(device_type) == {"foreach": True}
+
+
+def test_build_optimizer_picks_the_implementation_from_the_parameters():
+    model = build_model(ModelConfig(vocab_size=128, dim=32, n_layers=1, n_heads=2))
+    opt = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=0.1))
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    model(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8))).backward()
+    before = model.output.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(model.output.weight, before)
+
+
+def test_the_cuda_choice_steps_fsdp2_dtensor_parameters(tmp_path):
+    """fused=True over FSDP2's DTensor parameters (a 1-rank gloo group; CPU has a fused AdamW
+    kernel too, and the DTensor dispatch is the one a CUDA run takes)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = build_model(ModelConfig(vocab_size=128, dim=32, n_layers=1, n_heads=2))
+        fully_shard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        opt = torch.optim.AdamW(
+            param_groups(model, OptimConfig()), lr=0.1, **adamw_implementation("cuda")
+        )
+        model(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8))).backward()
+        before = model.output.weight.full_tensor().clone()
+        opt.step()
+        assert not torch.equal(model.output.weight.full_tensor(), before)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -24,6 +24,15 @@ from tests.conftest import BIN, REPO, compose, tiny_train_overrides
 STEPS = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fingerprint():
+    """Every step logs the fingerprint of the tokens it consumed (a debug switch: production
+    steps skip it), so resumes can be checked sample for sample."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGALITE_DEBUG", "fingerprint")
+        yield
+
+
 def overrides(data: Path, run: Path, **train) -> list[str]:
     base = dict(max_steps=STEPS, eval_every=0, ckpt_every=2, keep_last=10)
     return tiny_train_overrides(data, run, **{**base, **train})
@@ -170,25 +179,33 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tiny_data, tmp_path, stra
 
 
 # ------------------------------------------------------------ kill -9 at random steps
+def wait_for_failpoint(proc: subprocess.Popen, run: Path) -> int:
+    """Waits (an event, not a deadline) until the process blocks at its `wait_at_step` point;
+    returns that step. The 300 s cap is only a safety net for a broken run."""
+    marker = run / "FAILPOINT_WAITING"
+    for _ in range(30000):
+        if marker.exists() and marker.read_text().endswith("\n"):
+            return int(marker.read_text())
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"exited {proc.returncode} before the failpoint:\n{err[-3000:]}")
+        time.sleep(0.01)
+    raise AssertionError("the run never reached its failpoint")
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kill_9_at_a_random_step_then_resume_is_exact(tiny_data, tmp_path, straight, seed):
-    """A real SIGKILL from outside at a random step; resume=auto reproduces the uninterrupted
-    losses bit for bit, and every step consumes the same tokens (data_crc), so every sample is
-    seen exactly once."""
-    kill_after = random.Random(seed).randint(2, STEPS - 1)
+    """A real SIGKILL from outside, at a random step the test chose (the run blocks at the start
+    of that step until killed); resume=auto reproduces the uninterrupted losses bit for bit, and
+    every step consumes the same tokens (data_crc), so every sample is seen exactly once."""
+    kill_at = random.Random(seed).randint(2, STEPS)
     run = tmp_path / "run"
-    proc = spawn(overrides(tiny_data, run))
-    deadline = time.monotonic() + 300
-    metrics = run / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        recs = read_metrics(metrics) if metrics.exists() else []
-        if any(r.get("step", 0) >= kill_after for r in recs):
-            break
-        time.sleep(0.05)
+    proc = spawn(overrides(tiny_data, run), fault=f"wait_at_step={kill_at}")
+    assert wait_for_failpoint(proc, run) == kill_at
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    killed_at = max(r["step"] for r in read_metrics(metrics))
-    assert proc.returncode == -signal.SIGKILL and killed_at < STEPS, "killed too late"
+    assert proc.returncode == -signal.SIGKILL
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == kill_at - 1
     train(overrides(tiny_data, run, resume="auto"))
     got, ref = by_step(run), by_step(straight)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -205,22 +222,27 @@ def test_hung_step_dumps_stacks_and_exits_nonzero(tiny_data, tmp_path):
     assert proc.returncode not in (0, None)
     assert "Timeout (0:00:05)!" in err
     assert re.search(r"Thread 0x[0-9a-f]+ \(most recent call first\)", err)
-    assert "in failpoint" in err  # the stack shows where it hung
+    # The stack shows where it hung: the failpoint in megalite/resilience.py.
+    assert re.search(r'resilience\.py", line \d+ in at\n', err), err[-3000:]
 
 
-def test_sigusr1_checkpoints_and_exits_cleanly_for_requeue(tiny_data, tmp_path, straight):
+@pytest.mark.parametrize("at", [3, 4])
+def test_sigusr1_checkpoints_and_exits_cleanly_for_requeue(tiny_data, tmp_path, straight, at):
+    """SIGUSR1 during step `at`: the step finishes, a checkpoint of it is written (once: at
+    step 4 the periodic checkpoint is that checkpoint), PREEMPTED is left, exit 0; resuming
+    reproduces the uninterrupted run."""
     run = tmp_path / "run"
-    proc = spawn(overrides(tiny_data, run, max_steps=STEPS))
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (metrics.exists() and read_metrics(metrics)):
-        time.sleep(0.05)
+    proc = spawn(overrides(tiny_data, run, max_steps=STEPS), fault=f"wait_at_step={at}")
+    wait_for_failpoint(proc, run)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     marker = json.loads((run / "PREEMPTED").read_text())
-    assert marker["signal"] == "SIGUSR1" and marker["step"] < STEPS
-    assert checkpoint.newest_complete(run).name == f"step_{marker['step']:08d}"
+    assert marker["signal"] == "SIGUSR1" and marker["step"] == at
+    assert checkpoint.newest_complete(run).name == f"step_{at:08d}"
+    assert out.count(f"checkpoint {run}/checkpoints/step_{at:08d}") == (at % 2 == 0)
+    # Not saved a second time when the signal met the periodic checkpoint.
+    assert ("SIGUSR1: newest checkpoint" if at % 2 == 0 else "SIGUSR1: checkpointed") in out
     train(overrides(tiny_data, run, resume="auto"))
     assert not (run / "PREEMPTED").exists()
     got, ref = by_step(run), by_step(straight)

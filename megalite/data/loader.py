@@ -30,13 +30,24 @@ import torch
 
 from megalite.config import DataConfig, ModelConfig
 from megalite.data import shm
-from megalite.data.common import INDEX, MANIFEST, TOKENIZER, DataError, file_sha256, read_manifest
+from megalite.data.common import (
+    INDEX,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER,
+    DataError,
+    file_sha256,
+    read_manifest,
+)
 from megalite.data.streams import (
     Source,
     check_index,
+    check_shards,
     fetch_manifest,
+    hash_problems,
+    index_shards,
     resolve,
-    verify_shards,
+    split_by_bytes,
 )
 
 
@@ -106,8 +117,32 @@ def _check_stream(cfg: DataConfig, model: ModelConfig, source: Source, m: dict) 
     splits = ["train"] + (["val"] if m["samples"].get("val") else [])
     for split in splits:
         check_index(source, split, m, cfg.download_timeout, hint)
+        # Sizes and headers only: this runs before the process group exists, so it must stay
+        # far inside the rendezvous timeout; hashes come later (`verify_shard_hashes`).
         if source.remote is None and cfg.verify_shards != "none" and _local_rank() == 0:
-            verify_shards(root / split, cfg.verify_shards == "hash", source.key)
+            check_shards(root / split, source.key)
+
+
+def verify_shard_hashes(cfg: DataConfig, rank: int, world_size: int) -> list[str]:
+    """With `data.verify_shards=hash`, this rank's share of the sha1 checks of the shards read in
+    place (remote shards are hashed by mosaicml-streaming as they download): the shards of all
+    streams and splits are dealt over the ranks by size, so each is hashed once per job and the
+    ranks finish together. Returns the problems this rank found, one message per bad file;
+    empty with any other setting. Call it on every rank once the process group exists (hashing
+    a large dataset takes far longer than a rendezvous may wait), then gather the problems and
+    raise one error. Assumes check_dataset has passed (indexes present)."""
+    if cfg.verify_shards != "hash":
+        return []
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside world_size={world_size}")
+    shards = []
+    for source in resolve(cfg):
+        if source.remote is not None:
+            continue
+        for split in SPLITS:
+            if (Path(source.local) / split / INDEX).is_file():
+                shards += index_shards(Path(source.local) / split, source.key)
+    return hash_problems(split_by_bytes(shards, world_size)[rank])
 
 
 # ------------------------------------------------------------------------------- datasets

@@ -9,7 +9,6 @@ Shape legend: B batch, T sequence, C model dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import zlib
 from collections.abc import Callable
@@ -86,20 +85,21 @@ def fused_linear_loss_fn() -> FusedLossFn:
 def resolve_backends(
     cfg: ModelConfig, loss: str, device_type: str, tp: int = 1
 ) -> tuple[ModelConfig, str]:
-    """Replaces `auto` backends: on CUDA the Triton kernels (flash-attn for attention when it is
-    installed; under tensor parallelism the norm and loss stay torch, as they see sharded
-    DTensors), on a CPU the PyTorch references."""
-    cuda = device_type == "cuda"
-    attention, norm = cfg.attention, cfg.norm
-    if attention == "auto":
-        if cuda:
-            attention = "flash_attn" if importlib.util.find_spec("flash_attn") else "triton"
-        else:
-            attention = "sdpa"
-    if norm == "auto":
-        norm = "triton" if cuda and tp == 1 else "torch"
+    """Replaces `auto` backends with concrete ones for this device type and TP degree.
+
+    - attention: torch SDPA everywhere (on CUDA it dispatches to the flash, cuDNN or efficient
+      kernels); megalite's Triton kernel and flash-attn are opt-in until the GPU check
+      (`megalite-gpu-check`) shows them faster.
+    - norm: torch everywhere; torch.compile fuses it, and the Triton kernel is opt-in.
+    - loss: the fused linear + cross-entropy kernel on CUDA without tensor parallelism (it never
+      materializes the N x V logits: 2 GiB in bf16 at 8K tokens x 128K vocab, plus their fp32
+      softmax and gradient); torch otherwise (on CPU, and under tensor parallelism, where the
+      logits are vocab-sharded and the loss runs in `loss_parallel`).
+    """
+    attention = "sdpa" if cfg.attention == "auto" else cfg.attention
+    norm = "torch" if cfg.norm == "auto" else cfg.norm
     if loss == "auto":
-        loss = "fused_linear" if cuda and tp == 1 else "torch"
+        loss = "fused_linear" if device_type == "cuda" and tp == 1 else "torch"
     return dataclasses.replace(cfg, attention=attention, norm=norm), loss
 
 
@@ -193,16 +193,20 @@ class Transformer(nn.Module):
         copy_fn = copy_fn or (lambda param, full: param.copy_(full))
         for name, param in self.named_parameters():
             name = canonical_name(name)
-            std = self.init_std(name)
-            if std is None:
-                full = torch.ones(param.shape, device=param.device, dtype=param.dtype)
-            else:
-                gen = torch.Generator(device=param.device)
-                gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                full = torch.empty(param.shape, device=param.device, dtype=param.dtype)
-                full.normal_(0.0, std, generator=gen)
-            copy_fn(param, full)
+            copy_fn(param, self.initial_value(name, param.shape, param.device, param.dtype, seed))
         self.init_buffers()
+
+    def initial_value(
+        self, name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype, seed: int = 0
+    ) -> torch.Tensor:
+        """The full initial value of parameter `name` (canonical), from a generator seeded by
+        (seed, name). ZeRO-3 calls it one parameter at a time (parallel/deepspeed.py)."""
+        std = self.init_std(name)
+        if std is None:
+            return torch.ones(shape, device=device, dtype=dtype)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
 
     @torch.no_grad()
     def init_buffers(self) -> None:

@@ -1,11 +1,21 @@
 """DeepSpeed ZeRO (stages 1-3) as an alternative engine: `parallel=zero1|zero2|zero3`.
 
-The model is the same single-device Transformer, materialized and initialized exactly as for
-every other layout; DeepSpeed wraps it together with megalite's own AdamW (parameter groups and
-all), so the optimizer math matches the other strategies. DeepSpeed owns gradient accumulation
-(its `backward` scales by 1/accum and `step` applies the update on the last micro-batch),
-clipping (`gradient_clipping`) and bf16 (`bf16.enabled`: bf16 parameters and gradients in the
-model, fp32 master weights and optimizer state in its optimizer wrapper).
+`build` makes the model, its optimizer and the engine. The model is the same single-device
+Transformer with the same initial weights as every other layout (each parameter drawn from
+(seed, name)); DeepSpeed wraps it together with megalite's own AdamW (parameter groups and
+all), so the optimizer math matches the other strategies.
+
+ZeRO-1/2 replicate the parameters anyway, so they materialize the whole model on every rank.
+ZeRO-3 never does: the model is built under `deepspeed.zero.Init`, which partitions each
+module's parameters as soon as the module is constructed, and the weights are then written one
+top-level module (the embedding, a block, the norm, the head) at a time, gathered only for
+that (`GatheredParameters`). A 70B model in fp32 is 263 GiB whole; a rank now holds its 1/world
+share plus, briefly, one gathered block (3.2 GiB in fp32) or the embedding (3.9 GiB).
+
+DeepSpeed owns gradient accumulation (its `backward` scales by 1/accum and `step` applies the
+update on the last micro-batch), clipping (`gradient_clipping`) and bf16 (`bf16.enabled`: bf16
+parameters and gradients in the model, fp32 master weights and optimizer state in its optimizer
+wrapper).
 
 Checkpoints are DeepSpeed's own (`engine.save_checkpoint`), written into `step_N.tmp/` and
 renamed like every megalite checkpoint. `convert_to_dcp` turns one into the common DCP format
@@ -25,9 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+from megalite import checkpoint
 from megalite.config import Config, ModelConfig
+from megalite.model.transformer import Transformer
+from megalite.optim import build_optimizer
+from megalite.parallel.dims import ParallelDims
+from megalite.parallel.parallelize import parallelize
 
 ENGINE = "deepspeed"
 
@@ -73,6 +89,115 @@ def ds_config(cfg: Config, global_batch: int) -> dict[str, Any]:
     }
 
 
+def build(
+    cfg: Config,
+    dims: ParallelDims,
+    global_batch: int,
+    device: torch.device,
+    init_from: Path | None = None,
+) -> tuple[Any, torch.optim.Optimizer]:
+    """Builds the model (`materialize`), megalite's AdamW over it, and the engine; returns
+    (engine, engine optimizer). The engine's `.module` is the model."""
+    model = materialize(cfg, dims, global_batch, device, init_from)
+    optimizer = build_optimizer(model, cfg.optim)
+    return build_engine(model, optimizer, cfg, global_batch, device)
+
+
+def materialize(
+    cfg: Config,
+    dims: ParallelDims,
+    global_batch: int,
+    device: torch.device,
+    init_from: Path | None = None,
+) -> Transformer:
+    """The model as the strategy holds it before the engine wraps it, with its initial weights,
+    or those of the DCP checkpoint `init_from`: whole on every rank for zero1/2, partitioned
+    from construction on for zero3."""
+    deepspeed = _init(device)
+    if dims.strategy == "zero3":
+        return _build_partitioned(deepspeed, cfg, ds_config(cfg, global_batch), init_from)
+    with torch.device("meta"):
+        model = Transformer(cfg.model, loss=cfg.train.loss)
+    model = parallelize(model, cfg, dims, None, device)
+    if init_from is not None:
+        checkpoint.load_model_weights(init_from, model, cfg.model)
+    return model
+
+
+def _init(device: torch.device):
+    deepspeed = _import_deepspeed(device)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
+    )
+    return deepspeed
+
+
+def _build_partitioned(
+    deepspeed, cfg: Config, config: dict[str, Any], init_from: Path | None
+) -> Transformer:
+    """The model under ZeRO-3 partitioning from the start, holding the same weights as every
+    other layout: its initial values, or those of the DCP checkpoint `init_from`."""
+    # zero.Init creates each parameter in the compute dtype (bf16 under train.precision=bf16,
+    # as the engine would cast it) on this rank's device, and keeps 1/world of it.
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = Transformer(cfg.model, loss=cfg.train.loss)
+    # zero.Init also creates buffers in the compute dtype; the engine keeps them fp32 (the RoPE
+    # table in bf16 would round positions above 256), as every other layout does.
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(module, name, buf.float())
+    model.init_buffers()
+    if init_from is not None:
+        checkpoint.check_compatible(init_from, cfg.model, engine="dcp")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # One top-level module (embedding, block, norm, head) at a time: gathered whole on every
+    # rank, written by one rank (in turn, to spread the reading or drawing), broadcast from
+    # it and partitioned again on leaving the context.
+    seen: set[int] = set()
+    units = [("tok_embeddings", model.tok_embeddings)]
+    units += [(f"layers.{i}", block) for i, block in model.layers.items()]
+    units += [("norm", model.norm), ("output", model.output)]
+    for i, (prefix, unit) in enumerate(units):
+        params = {}
+        for name, p in unit.named_parameters(prefix=prefix):
+            if id(p) not in seen:  # a tied output weight was written with the embedding
+                seen.add(id(p))
+                params[name] = p
+        if not params:
+            continue
+        writer = i % world
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=writer):
+            if rank == writer:
+                _write_full(model, params, cfg.train.seed, init_from)
+    return model
+
+
+@torch.no_grad()
+def _write_full(
+    model: Transformer, params: dict[str, nn.Parameter], seed: int, init_from: Path | None
+) -> None:
+    """Writes full values into gathered parameters, drawn in fp32 and cast on copy, as the
+    other layouts initialize fp32 master weights that the engine casts."""
+    if init_from is None:
+        for name, p in params.items():
+            p.copy_(model.initial_value(name, p.shape, p.device, torch.float32, seed))
+        return
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    full = {
+        n: torch.empty(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        # This rank alone reads: no_dist keeps DCP from running collectives on the others.
+        dcp.load({"model": full}, checkpoint_id=str(init_from), no_dist=True)
+    for name, p in params.items():
+        p.copy_(full[name])
+
+
 def build_engine(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -80,11 +205,8 @@ def build_engine(
     global_batch: int,
     device: torch.device,
 ):
-    """Wraps a materialized model and its optimizer; returns (engine, engine optimizer)."""
-    deepspeed = _import_deepspeed(device)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
-    )
+    """Wraps a model and its optimizer; returns (engine, engine optimizer)."""
+    deepspeed = _init(device)
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.distributed
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megalite.config import DEEPSPEED_STRATEGIES, ParallelConfig, resolve_degrees
@@ -47,7 +48,9 @@ class ParallelDims:
         return rank // self.tp
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        if self.world_size == 1:
+        """The mesh over all ranks; None for one process without a process group (a group the
+        caller started at world size 1, as `megalite-gpu-check` does, still gets one)."""
+        if self.world_size == 1 and not torch.distributed.is_initialized():
             return None
         return init_device_mesh(
             device_type,

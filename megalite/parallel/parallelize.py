@@ -8,9 +8,12 @@ DeepSpeed strategies skip this: their engine wraps the materialized model (paral
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -73,7 +76,7 @@ def parallelize(
     model.to_empty(device=device)
     model.tie_weights()
     model.init_weights(seed=cfg.train.seed, copy_fn=_copy_shard)
-    if dims.strategy == "ddp" and dims.world_size > 1:
+    if dims.strategy == "ddp" and torch.distributed.is_initialized():
         device_ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=device_ids)
     return model
@@ -84,3 +87,35 @@ def unwrap(module: nn.Module) -> nn.Module:
     if isinstance(module, DDP) or type(module).__name__ == "DeepSpeedEngine":
         return module.module
     return module
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool, dims: ParallelDims, defer: bool = True):
+    """Wraps the forward and backward of one micro-batch. With `enabled` False (every micro-batch
+    but the last of an optimizer step) the gradient reduction is deferred, so a step with
+    gradient accumulation communicates once, not once per micro-batch:
+
+    - DDP: `no_sync()`; gradients accumulate locally, all-reduced on the last micro-batch.
+    - FSDP2 (fully_shard): `set_requires_gradient_sync(False)` skips the reduce-scatter; each
+      rank then holds unsharded fp32 gradients until the last micro-batch (parameters x 4 bytes
+      / tp). Where that does not fit, `parallel.defer_grad_sync=false` reduce-scatters every
+      micro-batch instead.
+    - HSDP: `set_requires_all_reduce(False)` keeps the (intra-group) reduce-scatter, so
+      gradients stay sharded, and defers only the all-reduce across replicas.
+    - one process, TP alone, DeepSpeed (which accumulates itself): nothing to defer.
+    """
+    if enabled or not defer:
+        yield
+    elif isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        hsdp = dims.dp_replicate > 1
+        setter = model.set_requires_all_reduce if hsdp else model.set_requires_gradient_sync
+        setter(False)
+        try:
+            yield
+        finally:
+            setter(True)
+    else:
+        yield

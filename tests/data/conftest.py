@@ -35,13 +35,19 @@ def free_port() -> int:
 
 
 def write_numbered(
-    root: Path, n_train: int, n_val: int = 0, seq_len: int = 8, start: int = 0
+    root: Path,
+    n_train: int,
+    n_val: int = 0,
+    seq_len: int = 8,
+    start: int = 0,
+    shard_bytes: int | None = None,
 ) -> Path:
     """A dataset in megalite's layout whose sample i of the train split is seq_len + 1 copies of
     token start + i (val samples count on after the train ones), so a batch tells which samples
     it holds. Shards
-    hold a few samples each (a shard's header alone is ~200 bytes). The manifest and tokenizer
-    are stand-ins: these datasets feed the loader directly, not check_dataset."""
+    hold a few samples each (a shard's header alone is ~200 bytes) unless `shard_bytes` is
+    given. The manifest and tokenizer are stand-ins (a vocabulary of 65536) that check_dataset
+    accepts."""
     from megalite.data.common import FORMAT, INDEX, file_sha256
     from megalite.data.pack import SplitWriter
 
@@ -50,7 +56,8 @@ def write_numbered(
     for split, first, n in (("train", start, n_train), ("val", start + n_train, n_val)):
         if not n:
             continue
-        w = SplitWriter(root / split, seq_len, 1 << 16, None, 200 + 8 * 2 * (seq_len + 1), False)
+        limit = shard_bytes or 200 + 8 * 2 * (seq_len + 1)
+        w = SplitWriter(root / split, seq_len, 1 << 16, None, limit, False)
         w.write(np.repeat(np.arange(first, first + n)[:, None], seq_len + 1, axis=1), None)
         w.close()
         index[split] = file_sha256(root / split / INDEX)

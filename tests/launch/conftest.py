@@ -18,6 +18,15 @@ CKPT_EVERY = 10
 LAUNCH = str(BIN / "megalite-launch")
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _fingerprint():
+    """Launched runs log each step's data fingerprint (a debug switch, inherited by torchrun and
+    SLURM jobs), so resumed runs are compared sample for sample."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEGALITE_DEBUG", "fingerprint")
+        yield
+
+
 def launch_overrides(data_dir: Path, run_dir: Path) -> list[str]:
     """Two ranks of DDP (micro-batch 2, global batch 4) in fp32, so a resumed run reproduces the
     uninterrupted one exactly. num_canonical_nodes=2 fixes the sample order, so one node with

@@ -13,7 +13,7 @@ from megalite.kernels import reference
 from megalite.config import ModelConfig
 from megalite.interop.llama_hf import hf_name
 from megalite.model.layers import BackendUnavailableError, attention_fn
-from megalite.model.transformer import Transformer, build_model, count_params
+from megalite.model.transformer import Transformer, build_model, count_params, resolve_backends
 
 SMALL = dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80, max_seq_len=64)
 
@@ -86,6 +86,20 @@ def test_flash_attn_missing_is_a_clear_error():
             Transformer(ModelConfig(**SMALL, attention="flash_attn"))
     else:
         pytest.skip("flash-attn is installed here")
+
+
+@pytest.mark.parametrize(
+    "device_type, tp, loss",
+    [("cuda", 1, "fused_linear"), ("cuda", 2, "torch"), ("cpu", 1, "torch")],
+)
+def test_auto_backends(device_type, tp, loss):
+    """auto: torch SDPA and the torch norm on every device (megalite's Triton attention and norm
+    and flash-attn are opt-in); the fused linear + CE loss on CUDA unless the vocab is sharded."""
+    cfg, got_loss = resolve_backends(ModelConfig(**SMALL), "auto", device_type, tp)
+    assert (cfg.attention, cfg.norm, got_loss) == ("sdpa", "torch", loss)
+    chosen = ModelConfig(**SMALL, attention="triton", norm="triton")
+    cfg, got_loss = resolve_backends(chosen, "triton", device_type, tp)
+    assert (cfg.attention, cfg.norm, got_loss) == ("triton", "triton", "triton")
 
 
 def test_model_package_never_imports_torch_distributed():
