@@ -88,6 +88,7 @@ setup(
             "megalite-bench=megalite.bench:main",
             "megalite-plan=megalite.plan:main",
             "megalite-launch=megalite.launch:main",
+            "megalite-gpu-check=megalite.gpu_check:main",
         ]
     },
 )

@@ -220,7 +220,7 @@ def _cases(shapes: Shapes) -> list[tuple[str, str, torch.dtype, Callable]]:
     return cases
 
 
-def _row(kernel: str, shape: str, dtype: torch.dtype, c: Compared, interpreted: bool) -> dict:
+def kernel_row(kernel: str, shape: str, dtype: torch.dtype, c: Compared, interpreted: bool) -> dict:
     out, ref, pt = c.kernel.double(), c.ref32.double(), c.pt.double()
     scale = ref.abs().max().item() if ref.numel() else 0.0
     finite = bool(torch.isfinite(out).all())
@@ -286,7 +286,7 @@ def check_kernels(device: torch.device, smoke: bool) -> list[dict]:
                     }
                 )
                 continue
-            rows += [_row(kernel, shape, dtype, c, interpreted) for c in compared]
+            rows += [kernel_row(kernel, shape, dtype, c, interpreted) for c in compared]
             del compared
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -12,6 +12,12 @@ requeued job must continue the run, not refuse its run dir. Before launching, th
 composed into the typed config and checked against the world size (nodes x processes per node),
 so a typo fails here instead of after the queue wait; `--no-check` skips that.
 
+SLURM warns the job (SIGUSR1 to the batch shell, which passes it on to the workers) some time
+before its time limit, so the run can finish its step and write a checkpoint before it is killed.
+That lead is estimated from the composed config (`plan.preemption_grace`: the step at the
+`--gpu`'s peak, the checkpoint written at `--ckpt-write-gbps` per node, a `--grace-margin`, at
+least 120 s) unless `--signal-grace` gives it; with `--no-check` it is the 120 s floor.
+
 The batch script is `launch/slurm.sbatch` (shipped as `megalite.launch_templates`) with its
 `{{name}}` placeholders filled in. A `#SBATCH` line whose value is empty (no account, no GPUs) is
 left out, and so is a line holding only an empty block. Values that land in shell code are
@@ -28,8 +34,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megalite.config import Config
 
 # Signals torchrun catches and passes on to its workers. SIGUSR1 is SLURM's warning before the
 # time limit; the trainer checkpoints and exits on SIGUSR1 and SIGTERM.
@@ -143,7 +154,10 @@ class SlurmJob:
     # None: apptainer for a .sif image, pyxis for any other image, none without one.
     container_runtime: str | None = None
     container_mounts: str | None = None
-    signal_grace: int = 120
+    # Seconds of warning before the time limit; None until `set_grace` (run_slurm estimates it).
+    signal_grace: int | None = None
+    # Where the grace came from, for the script's header (set by set_grace).
+    grace_note: str = ""
     max_restarts: int = 3
     # None: 20000 + job id % 10000, computed in the script.
     rdzv_port: int | None = None
@@ -180,19 +194,10 @@ class SlurmJob:
                     f"{flag}={value!r} is not a SLURM name (letters, digits, '_', '.', '-', "
                     "',' for a list); check `sinfo` / `sacctmgr show assoc` for the right one"
                 )
-        limit = time_limit_seconds(self.time) if self.time is not None else None
-        _at_least("--signal-grace", self.signal_grace, 1)
-        if self.signal_grace > 65535:
-            raise LaunchError(
-                f"--signal-grace={self.signal_grace} exceeds SLURM's maximum of 65535 s; "
-                "give a shorter grace"
-            )
-        if limit is not None and self.signal_grace >= limit:
-            raise LaunchError(
-                f"--signal-grace={self.signal_grace} s is not shorter than --time={self.time} "
-                f"({limit} s), so the warning would come before any training; lower "
-                "--signal-grace or raise --time"
-            )
+        if self.time is not None:
+            time_limit_seconds(self.time)
+        if self.signal_grace is not None:
+            self.set_grace(self.signal_grace)
         for item in self.env:
             key, eq, _ = item.partition("=")
             if not eq or not _ENV_KEY.match(key):
@@ -239,6 +244,24 @@ class SlurmJob:
         self.overrides = [o for o in self.overrides if not o.startswith("train.run_dir=")]
         if self.torchrun is None:
             self.torchrun = default_torchrun(in_container=self.container_runtime != "none")
+
+    def set_grace(self, seconds: int, estimate: str | None = None) -> None:
+        """Sets the warning's lead before the time limit: given by --signal-grace, or (with
+        `estimate`, how it was found) estimated."""
+        given = estimate is None
+        what = f"--signal-grace={seconds} s" if given else f"the grace of {seconds} s ({estimate})"
+        _at_least("--signal-grace", seconds, 1)
+        if seconds > 65535:
+            raise LaunchError(f"{what} exceeds SLURM's maximum of 65535 s; give a shorter grace")
+        limit = time_limit_seconds(self.time) if self.time is not None else None
+        if limit is not None and seconds >= limit:
+            fix = "lower --signal-grace" if given else "give a shorter --signal-grace"
+            raise LaunchError(
+                f"{what} is not shorter than --time={self.time} ({limit} s), so the warning "
+                f"would come before any training; {fix} or raise --time"
+            )
+        self.signal_grace = seconds
+        self.grace_note = "given by --signal-grace" if given else estimate
 
     @property
     def world_size(self) -> int:
@@ -302,6 +325,7 @@ def comment_command(argv: list[str], width: int = 96) -> str:
 
 
 def sbatch_values(job: SlurmJob, command: str) -> dict[str, str]:
+    assert job.signal_grace is not None, "SlurmJob.set_grace before rendering"
     q = shlex.quote
     port = str(job.rdzv_port) if job.rdzv_port else "$(( 20000 + SLURM_JOB_ID % 10000 ))"
     mounts = q(job.container_mounts) if job.container_mounts else "$SLURM_SUBMIT_DIR"
@@ -323,6 +347,13 @@ def sbatch_values(job: SlurmJob, command: str) -> dict[str, str]:
         "time": job.time or "",
         "output_dir": job.output_dir.rstrip("/") or "/",
         "signal_grace": str(job.signal_grace),
+        "grace_note": textwrap.fill(
+            f"The warning's lead, {job.signal_grace} s: {job.grace_note}",
+            width=96,
+            initial_indent="# ",
+            subsequent_indent="#   ",
+            break_on_hyphens=False,
+        ),
         "sbatch_extra": "\n".join(f"#SBATCH {a}" for a in job.sbatch_args),
         "run_dir": q(job.run_dir),
         "overrides": "\n".join(f"  {q(o)}" for o in job.overrides),
@@ -367,7 +398,7 @@ def submit(job: SlurmJob, script: str) -> tuple[str, Path]:
 
 
 # ------------------------------------------------------------------------------------ checking
-def check_config(overrides: list[str], world_size: int) -> None:
+def check_config(overrides: list[str], world_size: int) -> Config:
     """Composes the typed config megalite-train would build and checks it against the world
     size: unknown keys, wrong types, degrees and batch arithmetic fail before the launch."""
     from hydra.errors import HydraException
@@ -377,13 +408,57 @@ def check_config(overrides: list[str], world_size: int) -> None:
     from megalite.train import compose_config
 
     try:
-        check_world_size(compose_config(overrides), world_size)
+        cfg = compose_config(overrides)
+        check_world_size(cfg, world_size)
+        return cfg
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LaunchError(
             f"{first} (megalite-train would refuse this config at world size {world_size}; "
             "--no-check skips this check)"
         ) from e
+
+
+def estimate_grace(
+    job: SlurmJob,
+    cfg: Config | None,
+    write_gb_s_per_node: float | None = None,
+    margin_s: int | None = None,
+    gpu: str = "h100",
+) -> tuple[int, str]:
+    """(seconds, how they were found) for SLURM's warning before the time limit: the estimate
+    of `plan.preemption_grace` for `cfg` on this job's nodes (None: plan's assumptions), or
+    its floor without a config."""
+    from megalite import plan
+
+    if write_gb_s_per_node is None:
+        write_gb_s_per_node = plan.CKPT_WRITE_GB_S_PER_NODE
+    margin_s = plan.GRACE_MARGIN_S if margin_s is None else margin_s
+    if not write_gb_s_per_node > 0:
+        raise LaunchError(
+            f"--ckpt-write-gbps={write_gb_s_per_node} must be > 0 (GB/s one node writes to the "
+            "run dir's filesystem); e.g. --ckpt-write-gbps 1"
+        )
+    _at_least("--grace-margin", margin_s, 0)
+    if cfg is None:
+        return plan.GRACE_FLOOR_S, "the floor: --no-check leaves no config to estimate from"
+    peak = None
+    if job.gpus_per_node:
+        from megalite.devices import DEVICES, lookup_peak_tflops
+
+        peak = lookup_peak_tflops(gpu)
+        if peak is None:
+            known = ", ".join(d.key for d in DEVICES)
+            raise LaunchError(
+                f"--gpu={gpu!r} is not in the device table ({known}); name one of them, or "
+                "give --signal-grace"
+            )
+    grace = plan.preemption_grace(
+        cfg, job.nodes, job.world_size, write_gb_s_per_node, margin_s, peak_tflops=peak
+    )
+    assumptions = f"{write_gb_s_per_node:g} GB/s written per node"
+    assumptions += f", {gpu} at {100 * plan.GRACE_MFU:.0f}% MFU" if peak else ", no GPUs"
+    return grace.seconds, f"estimated: {grace.summary()} ({assumptions})"
 
 
 def _at_least(flag: str, value: int, low: int) -> None:
@@ -431,8 +506,24 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument(
         "--signal-grace",
         type=int,
-        default=120,
-        help="SIGUSR1 this many seconds before the time limit (120)",
+        help="SIGUSR1 this many seconds before the time limit (default: estimated from the "
+        "config: the step, the checkpoint write and --grace-margin, at least 120)",
+    )
+    slurm.add_argument(
+        "--ckpt-write-gbps",
+        type=float,
+        help="write bandwidth of one node to the run dir's filesystem, GB/s, for the grace "
+        "estimate (1.0: an NFS mount over 10 GbE; parallel filesystems often give 5-20)",
+    )
+    slurm.add_argument(
+        "--grace-margin",
+        type=int,
+        help="seconds the grace estimate adds for the stop handshake, start-up and exit (60)",
+    )
+    slurm.add_argument(
+        "--gpu",
+        default="h100",
+        help="GPU type of the nodes, for the step time in the grace estimate (h100)",
     )
     slurm.add_argument("--max-restarts", type=int, default=3, help="elastic restarts (3)")
     slurm.add_argument("--rdzv-port", type=int, help="c10d port (20000 + job id %% 10000)")
@@ -508,10 +599,13 @@ def run_slurm(args: argparse.Namespace, argv: list[str]) -> int:
         sbatch_args=args.sbatch_args,
         overrides=args.overrides,
     )
+    cfg = None
     if not args.no_check:
-        check_config(
+        cfg = check_config(
             [*with_resume_default(job.overrides), f"train.run_dir={job.run_dir}"], job.world_size
         )
+    if job.signal_grace is None:
+        job.set_grace(*estimate_grace(job, cfg, args.ckpt_write_gbps, args.grace_margin, args.gpu))
     script = render_sbatch(job, argv)
     if args.dry_run:
         sys.stdout.write(script)
@@ -519,6 +613,7 @@ def run_slurm(args: argparse.Namespace, argv: list[str]) -> int:
     job_id, path = submit(job, script)
     log = Path(job.output_dir) / f"{job.job_name}-{job_id}.out"
     print(f"submitted {path} as job {job_id}; log: {log}", file=sys.stderr)
+    print(f"SIGUSR1 {job.signal_grace} s before the time limit: {job.grace_note}", file=sys.stderr)
     print(job_id)
     return 0
 

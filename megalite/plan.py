@@ -397,6 +397,7 @@ def preemption_grace(
     seconds = max(floor_s, math.ceil(save + (step or 0.0) + margin_s))
     return Grace(seconds, checkpoint_bytes(n_params) / 1e9, save, step, margin_s, floor_s)
 
+
 # ---------------------------------------------------------------------------------- CLI
 def _si(x: float, unit: str = "") -> str:
     for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):

@@ -1,6 +1,6 @@
 """`megalite-train`: the Hydra entry point. compose -> typed Config -> Trainer(cfg).fit().
 
-megalite-train                                   # experiment=cpu_demo, the README's demo
+megalite-train experiment=cpu_demo                # the README's demo (no experiment: no recipe)
 megalite-train model=llama_125m data=shakespeare train.max_steps=200
 torchrun --nproc_per_node=4 -m megalite.train parallel=ddp
 megalite-train --cfg job                         # print the resolved config and exit

@@ -38,7 +38,7 @@ from megalite.metrics import (
     redact,
     resolve_peak,
 )
-from megalite.model.transformer import Transformer, count_params
+from megalite.model.transformer import Transformer
 from megalite.optim import build_optimizer, lr_at
 from megalite.parallel.distributed import (
     abort,
@@ -122,22 +122,27 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
 
-        # ---- model: built on meta, parallelized from outside, then materialized
-        with torch.device("meta"):
-            model = Transformer(cfg.model, loss=tcfg.loss)
-        self.n_params = count_params(model)
-        self.model = parallelize(model, cfg, self.dims, self.mesh, self.device)
+        # ---- model: built on meta, parallelized from outside, then materialized (ZeRO-3:
+        # partitioned as it is built, so no rank ever holds the whole model)
+        self.n_params = plan.n_params
+        init_from = None
         if tcfg.init_from is not None and self.resume_from is None:
-            checkpoint.load_model_weights(Path(tcfg.init_from), self.model, cfg.model)
-        self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
+            init_from = Path(tcfg.init_from)
         self.engine = None
         if self.dims.uses_deepspeed:
             from megalite.parallel import deepspeed as ds
 
-            self.engine, self.optimizer = ds.build_engine(
-                self.model, self.optimizer, cfg, self.global_batch, self.device
+            self.engine, self.optimizer = ds.build(
+                cfg, self.dims, self.global_batch, self.device, init_from
             )
             self.model = self.engine
+        else:
+            with torch.device("meta"):
+                model = Transformer(cfg.model, loss=tcfg.loss)
+            self.model = parallelize(model, cfg, self.dims, self.mesh, self.device)
+            if init_from is not None:
+                checkpoint.load_model_weights(init_from, self.model, cfg.model)
+            self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         # FSDP2 and DeepSpeed cast parameters to bf16 themselves; DDP, TP and a single device
         # use autocast. Either way the master weights and optimizer state stay fp32.
         use_autocast = tcfg.precision == "bf16" and not (

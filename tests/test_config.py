@@ -11,12 +11,28 @@ from megalite.model.transformer import Transformer, count_params
 from tests.conftest import BIN, compose, run_cli
 
 
-def test_default_is_cpu_demo():
-    cfg = compose([])
-    assert cfg.name == "cpu_demo"
-    assert cfg.model.name == "debug"
-    assert cfg.parallel.strategy == "ddp"
+def test_root_config_is_no_recipe():
+    """Nothing of the CPU demo (or any experiment) leaks into a run that names none: a user's
+    `model=llama3_8b` gets the optimizer's and the loop's own defaults, not lr 2e-3 on Shakespeare
+    in runs/cpu_demo."""
+    cfg = compose(["model=llama3_8b"])
+    assert cfg.name == "default"
+    assert cfg.data.name == "train" and cfg.data.dir == "data/train"
+    assert "shakespeare" not in f"{cfg.data.prepare_hint} {cfg.data.dir}"
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (3e-4, 100)  # conf/optim/adamw.yaml
+    assert (cfg.train.max_steps, cfg.train.micro_batch_size) == (1000, 8)  # conf/train/default
+    assert cfg.train.run_dir == "runs/default"
+
+
+def test_cpu_demo_is_an_experiment_that_sets_everything_it_needs():
+    cfg = compose(["experiment=cpu_demo"])
+    assert (cfg.name, cfg.model.name, cfg.parallel.strategy) == ("cpu_demo", "debug", "ddp")
+    assert (cfg.data.name, cfg.data.dir) == ("shakespeare", "data/shakespeare")
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (2e-3, 40)
+    assert (cfg.train.max_steps, cfg.train.micro_batch_size) == (400, 16)
     assert cfg.train.run_dir == "runs/cpu_demo"
+    # Later overrides still win over the experiment's groups.
+    assert compose(["experiment=cpu_demo", "model=llama_125m"]).model.name == "llama_125m"
 
 
 def test_unknown_key_fails_at_compose():
@@ -87,7 +103,64 @@ def test_presets_have_published_shapes(preset, params):
 def test_cli_prints_resolved_config():
     out = run_cli([str(BIN / "megalite-train"), "--cfg", "job", "model=llama3_8b"])
     assert out.returncode == 0, out.stderr
-    assert "n_layers: 32" in out.stdout and "run_dir: runs/cpu_demo" in out.stdout
+    assert "n_layers: 32" in out.stdout and "run_dir: runs/default" in out.stdout
+    assert "cpu_demo" not in out.stdout and "shakespeare" not in out.stdout
+
+
+# ------------------------------------------------------------------------ GPU recipes
+# (experiment, world size, peak lr, warmup steps, layout): the published hyperparameters each
+# recipe cites (conf/experiment/<name>.yaml), at 4M tokens per step of 8,192-token sequences.
+RECIPES = [
+    ("llama3_8b", 8, 3e-4, 2000, ("fsdp", 1, 8, 1)),
+    ("llama3_70b", 64, 1.5e-4, 2000, ("fsdp_tp", 1, 8, 8)),
+]
+
+
+@pytest.mark.parametrize(("experiment", "world", "lr", "warmup", "layout"), RECIPES)
+def test_gpu_recipe_resolves_to_its_published_hyperparameters(
+    experiment, world, lr, warmup, layout
+):
+    from megalite.config import resolve_degrees
+
+    cfg = compose([f"experiment={experiment}"])
+    assert cfg.name == experiment and cfg.model.name == experiment
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule) == (lr, warmup, "cosine")
+    assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay) == ([0.9, 0.95], 1e-5, 0.1)
+    assert (cfg.optim.min_lr_ratio, cfg.optim.grad_clip) == (0.1, 1.0)
+    assert cfg.data.seq_len == 8192 == cfg.model.max_seq_len
+    assert check_world_size(cfg, world) * cfg.data.seq_len == 4 * 2**20  # 4M tokens per step
+    assert (cfg.parallel.strategy, *resolve_degrees(cfg.parallel, world)) == layout
+    assert cfg.train.run_dir == f"runs/{experiment}"
+    # On another number of GPUs the pinned global batch says what to change.
+    with pytest.raises(ConfigError, match="train.global_batch_size=512 does not equal"):
+        check_world_size(cfg, world * 2)
+
+
+@pytest.mark.parametrize(("experiment", "world"), [(r[0], r[1]) for r in RECIPES])
+def test_gpu_recipe_fits_an_80gb_h100(experiment, world):
+    """The memory plan (what megalite-plan prints and the trainer logs) with the backends and
+    precision a CUDA run resolves, against the usable share of an H100's 80 GB."""
+    import dataclasses
+
+    from megalite.devices import resolve_precision
+    from megalite.model.transformer import resolve_backends
+    from megalite.plan import USABLE_FRACTION, device_memory_gb, estimate_memory
+
+    cfg = compose([f"experiment={experiment}"])
+    model, loss = resolve_backends(cfg.model, cfg.train.loss, "cuda", cfg.parallel.tp)
+    precision, _ = resolve_precision(cfg.train.precision, "cuda")
+    train = dataclasses.replace(cfg.train, loss=loss, precision=precision)
+    cfg = dataclasses.replace(cfg, model=model, train=train)
+    plan = estimate_memory(cfg, world)
+    usable = USABLE_FRACTION * device_memory_gb("NVIDIA H100 80GB HBM3")
+    assert plan.total_gb() <= usable, plan.summary()
+
+
+@pytest.mark.parametrize("experiment", [r[0] for r in RECIPES])
+def test_gpu_recipe_resolves_with_cfg_job(experiment):
+    out = run_cli([str(BIN / "megalite-train"), "--cfg", "job", f"experiment={experiment}"])
+    assert out.returncode == 0, out.stderr
+    assert f"name: {experiment}" in out.stdout and "seq_len: 8192" in out.stdout
 
 
 @pytest.mark.parametrize(

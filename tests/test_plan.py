@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from megalite.config import ConfigError, ModelConfig
-from megalite.metrics import matmul_params
+from megalite.metrics import flops_per_token, matmul_params
 from megalite.model.transformer import Transformer, build_model, count_params
 from megalite.plan import (
     activation_bytes,
+    checkpoint_save_seconds,
     closest_preset,
     compute_budget,
     compute_optimal,
@@ -23,6 +24,7 @@ from megalite.plan import (
     load_presets,
     main,
     param_count,
+    preemption_grace,
     training_flops,
     wall_time_hours,
 )
@@ -195,6 +197,32 @@ def test_state_memory_per_layout_by_hand():
 def test_layout_must_fit_the_world_size():
     with pytest.raises(ConfigError, match="parallel.strategy=single but the world size is 2"):
         plan_for(["parallel=single"], 2)
+
+
+# ------------------------------------------------------------------------- preemption
+def test_checkpoint_save_time_by_hand():
+    """70B: 70.55e9 params x 12 bytes (fp32 weights + two AdamW moments) x 1.05 = 889 GB; 8 nodes
+    writing 1 GB/s each take 111 s, twice the nodes half that."""
+    one = checkpoint_save_seconds(LLAMA3_70B, nodes=8, write_gb_s_per_node=1.0)
+    assert one == pytest.approx(LLAMA3_70B * 12 * 1.05 / 8e9)
+    assert one == pytest.approx(111.1, abs=0.1)
+    assert checkpoint_save_seconds(LLAMA3_70B, 16, 1.0) == pytest.approx(one / 2)
+    with pytest.raises(ValueError, match="must be > 0"):
+        checkpoint_save_seconds(LLAMA3_70B, 8, 0.0)
+
+
+def test_preemption_grace_adds_step_checkpoint_and_margin_with_a_floor():
+    cfg = compose(["experiment=llama3_70b"])
+    grace = preemption_grace(cfg, 8, 64, 1.0, margin_s=60, peak_tflops=989.4, mfu=0.3)
+    # One step: 4M tokens x megalite's FLOPs per token over 64 GPUs at 30 % of 989.4 TFLOP/s.
+    step = flops_per_token(cfg.model, 8192) * 4 * 2**20 / (64 * 989.4e12 * 0.3)
+    assert grace.step_s == pytest.approx(step)
+    assert grace.seconds == math.ceil(step + grace.save_s + 60)
+    assert grace.seconds > 250 and "889 GB" in grace.summary()
+    # Without a peak (CPU nodes) the step is left out; a tiny model gets the floor.
+    assert preemption_grace(cfg, 8, 64).step_s is None
+    tiny = preemption_grace(compose([]), 1, 1, floor_s=120)
+    assert tiny.seconds == 120 and "raised to the floor of 120 s" in tiny.summary()
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -42,8 +42,9 @@ from megalite import checkpoint
 from megalite.config import Config, ModelConfig
 from megalite.model.transformer import Transformer
 from megalite.optim import build_optimizer
+from megalite.parallel.checkpointing import apply_ac
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.parallelize import parallelize
+from megalite.parallel.parallelize import compile_blocks, parallelize
 
 ENGINE = "deepspeed"
 
@@ -155,10 +156,7 @@ def _build_partitioned(
     # rank, written by one rank (in turn, to spread the reading or drawing), broadcast from
     # it and partitioned again on leaving the context.
     seen: set[int] = set()
-    units = [("tok_embeddings", model.tok_embeddings)]
-    units += [(f"layers.{i}", block) for i, block in model.layers.items()]
-    units += [("norm", model.norm), ("output", model.output)]
-    for i, (prefix, unit) in enumerate(units):
+    for i, (prefix, unit) in enumerate(_top_level_modules(model)):
         params = {}
         for name, p in unit.named_parameters(prefix=prefix):
             if id(p) not in seen:  # a tied output weight was written with the embedding
@@ -170,7 +168,24 @@ def _build_partitioned(
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=writer):
             if rank == writer:
                 _write_full(model, params, cfg.train.seed, init_from)
+    assert seen == {id(p) for p in model.parameters()}, "a parameter outside the modules written"
+    # As parallelize does for the other layouts, after the weights are written under their
+    # plain names (checkpoint_wrapper renames them).
+    apply_ac(model, cfg.parallel.activation_checkpointing)
+    if cfg.train.compile:
+        compile_blocks(model)
     return model
+
+
+def _top_level_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's children, with a container of blocks (`layers`) split into its blocks."""
+    out = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleDict, nn.ModuleList)):
+            out += [(f"{name}.{sub}", block) for sub, block in child.named_children()]
+        else:
+            out.append((name, child))
+    return out
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 Order (torchtitan's): tensor/sequence parallel -> activation checkpointing -> torch.compile ->
 FSDP2, all on the meta device; then the sharded model is materialized and initialized (each rank
 writes only its shards of the same full weights a single process would have); DDP wraps last.
-DeepSpeed strategies skip this: their engine wraps the materialized model (parallel/deepspeed.py).
+DeepSpeed strategies build through parallel/deepspeed.py: zero1/2 materialize here and their
+engine wraps the model; zero3 never comes here (its model is partitioned as it is constructed).
 """
 
 from __future__ import annotations

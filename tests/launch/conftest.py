@@ -3,6 +3,7 @@ it, a real SLURM cluster on this machine, and a private TMPDIR per test."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,15 +17,10 @@ from tests.streaming_tmpdir import private_tmpdir  # noqa: F401  (autouse here)
 STEPS = 100
 CKPT_EVERY = 10
 LAUNCH = str(BIN / "megalite-launch")
-
-
-@pytest.fixture(scope="package", autouse=True)
-def _fingerprint():
-    """Launched runs log each step's data fingerprint (a debug switch, inherited by torchrun and
-    SLURM jobs), so resumed runs are compared sample for sample."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEGALITE_DEBUG", "fingerprint")
-        yield
+# Launched runs log each step's data fingerprint (`data_crc`, a debug check the trainer skips
+# unless asked), so a resumed run can be compared with the uninterrupted one batch for batch.
+# SLURM jobs get it too: sbatch passes the submitting environment on.
+FINGERPRINT = {"MEGALITE_DEBUG": "fingerprint"}
 
 
 def launch_overrides(data_dir: Path, run_dir: Path) -> list[str]:
@@ -62,6 +58,7 @@ def reference(tiny_data, tmp_path_factory) -> dict[int, tuple[float, int]]:
         capture_output=True,
         text=True,
         cwd=REPO,
+        env=dict(os.environ, **FINGERPRINT),
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]

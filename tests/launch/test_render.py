@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from megalite import launch
 from tests.conftest import REPO, run_cli
 from tests.launch.conftest import LAUNCH
+from tests.launch.procs import wait_for
 
 TORCHRUN_FLAGS = [
     "--standalone",
@@ -144,7 +146,7 @@ def test_slurm_dry_run_renders_every_option():
         "--output=slurm-logs/%x-%j.out",
         "--open-mode=append",
         "--requeue",
-        "--signal=USR1@300",
+        "--signal=B:USR1@300",
         "--exclusive",
     ]
     assert "RUN_DIR=${RUN_DIR:-'runs/llama3 8b'}" in script
@@ -152,6 +154,7 @@ def test_slurm_dry_run_renders_every_option():
     assert "export WANDB_PROJECT='my project'" in script
     assert "NPROC_PER_NODE=8" in script and "MAX_RESTARTS=5" in script
     assert "SHUTDOWN_TIMEOUT=300" in script
+    assert "# The warning's lead, 300 s: given by --signal-grace" in script
     assert "OVERRIDES=(\n  model=llama3_8b\n  parallel=fsdp_tp\n  optim.lr=3e-4\n)" in script
     assert "CONTAINER_RUNTIME=none" in script
     # The head node comes from the allocation's node list; the c10d endpoint from it.
@@ -215,13 +218,26 @@ elif [[ $(basename "$0") == scontrol && $1 == show && $2 == node ]]; then
   echo "   NodeAddr=10.1.2.17 NodeHostName=$3 Version=22.05.8"
 elif [[ $(basename "$0") == srun ]]; then
   for a in "$@"; do [[ $a == train.run_dir=* ]] && run_dir=${a#train.run_dir=}; done
+  if [[ -n "${AWAIT_USR1:-}" ]]; then
+    # What torchrun and the trainer do with SIGUSR1: checkpoint, leave the marker, exit non-zero.
+    on_usr1() {
+      echo "srun got SIGUSR1" >> "$CALLS"
+      echo '{"step": 7, "signal": "SIGUSR1"}' > "$run_dir/PREEMPTED"
+      exit 1
+    }
+    trap on_usr1 USR1
+    touch "$AWAIT_USR1"
+    while true; do sleep 0.1; done
+  fi
   [[ -n "${MAKE_MARKER:-}" ]] && echo '{"step": 7, "signal": "SIGUSR1"}' > "$run_dir/PREEMPTED"
   exit "${SRUN_STATUS:-0}"
 fi
 """
 
 
-def run_script(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[int, list[str]]:
+def script_env(tmp_path: Path, script: str, **env: str) -> tuple[Path, dict[str, str]]:
+    """The script written to tmp_path, and an environment with stand-ins for srun and scontrol
+    that record their calls in $CALLS."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name in ("srun", "scontrol"):
@@ -242,10 +258,15 @@ def run_script(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[int
         SLURM_SUBMIT_DIR=str(tmp_path),
         **env,
     )
+    return path, full_env
+
+
+def run_script(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[int, list[str]]:
+    path, full_env = script_env(tmp_path, script, **env)
     res = subprocess.run(
         ["bash", str(path), *args], env=full_env, cwd=tmp_path, capture_output=True, timeout=60
     )
-    return res.returncode, calls.read_text().splitlines()
+    return res.returncode, Path(full_env["CALLS"]).read_text().splitlines()
 
 
 @pytest.fixture
@@ -305,6 +326,86 @@ def test_script_requeues_only_after_a_preemption_checkpoint(tmp_path, script):
     assert status == 3 and not any(c.startswith("scontrol requeue") for c in calls)
 
 
+def test_script_passes_sigusr1_from_slurm_on_to_the_job_step(tmp_path, script):
+    """`#SBATCH --signal=B:USR1@<grace>` signals the batch shell only: its trap must pass the
+    signal to srun (which passes it to the torchrun agents), keep waiting for srun, and then
+    requeue on the marker the trainer leaves."""
+    (tmp_path / "run").mkdir()
+    started = tmp_path / "srun-started"
+    path, env = script_env(tmp_path, script, AWAIT_USR1=str(started))
+    proc = subprocess.Popen(
+        ["bash", str(path)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for(started.exists, 60, "the job step to start")
+        proc.send_signal(signal.SIGUSR1)  # what slurmctld does `grace` s before the time limit
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    calls = Path(env["CALLS"]).read_text().splitlines()
+    assert proc.returncode == 0, out.decode()
+    assert "srun got SIGUSR1" in calls
+    assert calls[-1] == "scontrol requeue 4242"
+    assert b"SIGUSR1: passing it to the job step" in out
+
+
+# ----------------------------------------------------------------------- the warning's lead
+def grace_of(script: str) -> int:
+    (line,) = [x for x in sbatch_lines(script) if x.startswith("--signal=")]
+    m = re.fullmatch(r"--signal=B:USR1@(\d+)", line)
+    assert m, line
+    assert f"SHUTDOWN_TIMEOUT={m.group(1)}" in script  # torchrun waits as long for the workers
+    return int(m.group(1))
+
+
+def test_grace_is_estimated_from_the_step_and_the_checkpoint_write():
+    """70B on 8 nodes: ~890 GB of checkpoint at 1 GB/s per node and a 4M-token step take far
+    longer than SLURM's customary 120 s; a faster filesystem shortens the lead."""
+    from megalite import plan
+    from megalite.devices import lookup_peak_tflops
+    from megalite.train import compose_config
+
+    overrides = [
+        "model=llama3_70b", "parallel=fsdp_tp", "data.seq_len=8192",
+        "train.micro_batch_size=1", "train.grad_accum_steps=64",
+    ]  # fmt: skip
+    args = ["slurm", "--nodes", "8", "--gpus-per-node", "8", "--time", "1-00:00:00"]
+    slow = dry_run(*args, "--", *overrides)
+    fast = dry_run(*args, "--ckpt-write-gbps", "10", "--", *overrides)
+    cfg = compose_config(["train.resume=auto", *overrides])
+    peak = lookup_peak_tflops("h100")  # --gpu's default
+    want = plan.preemption_grace(cfg, 8, 64, 1.0, 60, peak_tflops=peak).seconds
+    assert grace_of(slow) == want and want > 250
+    assert "checkpoint 111 s (889 GB)" in slow  # 70.6e9 params x 12 bytes x 1.05
+    assert 120 < grace_of(fast) < want - 90
+    check_bash_syntax(slow)
+
+
+def test_grace_has_a_floor_and_must_fit_in_the_time_limit():
+    # A tiny model saves in no time: SLURM's customary 120 s; so does --no-check (no config).
+    tiny = [
+        "slurm",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--",
+        "model.dim=64",
+        "model.n_heads=4",
+    ]
+    assert grace_of(dry_run(*tiny)) == 120
+    assert grace_of(dry_run("slurm", "--nodes", "1", "--no-check")) == 120
+    res = run_cli(
+        [LAUNCH, "slurm", "--dry-run", "--nodes", "8", "--time", "3", "--",
+         "model=llama3_70b", "parallel=fsdp_tp", "data.seq_len=8192"],
+        timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert "is not shorter than --time=3 (180 s)" in res.stderr
+    assert "give a shorter --signal-grace or raise --time" in res.stderr
+
+
 def check_bash_syntax(script: str) -> None:
     res = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -335,6 +436,11 @@ def check_bash_syntax(script: str) -> None:
             "--run-dir=a and the override train.run_dir=b disagree",
         ),
         (["local", "--nproc", "0"], "--nproc=0 must be >= 1"),
+        (
+            ["slurm", "--nodes", "1", "--ckpt-write-gbps", "0"],
+            "--ckpt-write-gbps=0.0 must be > 0",
+        ),
+        (["slurm", "--nodes", "1", "--signal-grace", "70000"], "exceeds SLURM's maximum"),
     ],
 )
 def test_bad_options_name_the_flag_the_value_and_the_fix(args, message):

@@ -1,7 +1,8 @@
 """The rendered batch script on a real SLURM (slurmctld + two slurmd nodes on this machine, see
 slurm_cluster.py): a 2-node job trains the tiny model on CPU with gloo and completes; SIGUSR1 to
-the job's steps (what `#SBATCH --signal` does before the time limit) makes it checkpoint, requeue
-itself and resume; a worker killed with SIGKILL is restarted across both nodes, and a job in a
+the batch shell (what `#SBATCH --signal=B:USR1@<grace>` does before the time limit) is passed on
+to the tasks on both nodes; SIGUSR1 to the job's steps makes it checkpoint, requeue itself and
+resume; a worker killed with SIGKILL is restarted across both nodes, and a job in a
 higher-priority partition preempts it (SIGTERM to its steps), after which it requeues and
 resumes; the time-limit warning itself arrives from slurmctld's timer. Every resumed run is
 compared step by step with the uninterrupted one (same fp32 losses, same data)."""
@@ -17,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.launch.conftest import CKPT_EVERY, LAUNCH, STEPS, by_step, launch_overrides
+from tests.launch.conftest import (
+    CKPT_EVERY,
+    FINGERPRINT,
+    LAUNCH,
+    STEPS,
+    by_step,
+    launch_overrides,
+)
 from tests.launch.procs import all_pids, cmdline, environ, last_step, wait_for
 from tests.launch.slurm_cluster import SlurmCluster
 
@@ -32,7 +40,7 @@ def submit(slurm: SlurmCluster, workdir: Path, name: str, overrides: list[str]) 
             "--time", "20", "--signal-grace", "60", "--job-name", name,
             "--output-dir", str(workdir / "logs"), "--", *overrides,
         ],
-        env={"SLURM_CONF": str(slurm.conf)},
+        env={"SLURM_CONF": str(slurm.conf), **FINGERPRINT},
         cwd=workdir,
         timeout=120,
     )  # fmt: skip
@@ -96,7 +104,9 @@ def test_sigusr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(
     marker = preemption_marker(log)
     k = marker["step"]
     assert marker["signal"] == "SIGUSR1" and 3 <= k < STEPS
-    assert f"SIGUSR1: checkpointed {run}/checkpoints/step_{k:08d} at step {k}" in log
+    # A signal that meets a periodic checkpoint reuses it instead of writing the step twice.
+    what = "newest checkpoint" if k % CKPT_EVERY == 0 else "checkpointed"
+    assert f"SIGUSR1: {what} {run}/checkpoints/step_{k:08d} at step {k}" in log
     assert f"resumed from {run}/checkpoints/step_{k:08d} at step {k}" in log
     assert "(restart 1)" in log  # the same job id ran the script again
     assert by_step(run) == reference
@@ -172,29 +182,56 @@ while true; do sleep 0.2; done
 """
 
 
-@pytest.mark.slow
-def test_time_limit_warning_reaches_every_step_and_the_job_requeues(slurm, tmp_path):
-    """The rendered `#SBATCH --signal=USR1@50` with a one-minute limit: slurmctld's own timer
-    (checked every 30 s) sends SIGUSR1 to the tasks on both nodes, the batch shell survives it,
-    and the script requeues the job. torchrun is replaced by a stand-in here."""
+def submit_stand_in(slurm: SlurmCluster, tmp_path: Path, name: str, *args: str) -> str:
+    """The rendered script with the stand-in for torchrun on both nodes; returns the job id."""
     stand_in = tmp_path / "torchrun"
     stand_in.write_text(STAND_IN)
     stand_in.chmod(0o755)
     res = run_cli(
         [
-            LAUNCH, "slurm", "--nodes", "2", "--gpus-per-node", "0", "--time", "1",
-            "--signal-grace", "50", "--job-name", "limit", "--output-dir", str(tmp_path / "logs"),
-            "--run-dir", str(tmp_path / "run"), "--torchrun", str(stand_in), "--no-check",
+            LAUNCH, "slurm", "--nodes", "2", "--gpus-per-node", "0", *args, "--job-name", name,
+            "--output-dir", str(tmp_path / "logs"), "--run-dir", str(tmp_path / "run"),
+            "--torchrun", str(stand_in), "--no-check",
         ],
         env={"SLURM_CONF": str(slurm.conf)},
         cwd=tmp_path,
         timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    job_id = res.stdout.strip()
+    return res.stdout.strip()
+
+
+def test_sigusr1_to_the_batch_shell_reaches_the_tasks_on_every_node(slurm, tmp_path):
+    """`#SBATCH --signal=B:USR1@<grace>` signals only the batch shell; here `scancel --batch`
+    does the same at once. The shell's trap passes it to srun, srun to the task on each node (the
+    stand-in for torchrun), and after the marker the script requeues the job."""
+    job_id = submit_stand_in(slurm, tmp_path, "batch_usr1")
+    log_file = tmp_path / "logs" / f"batch_usr1-{job_id}.out"
+
+    def started() -> bool:  # the stand-ins print this once their trap is set
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+        return "task 0 started" in text and "task 1 started" in text
+
+    wait_for(started, 120, "both tasks to start")
+    slurm.run(["scancel", "--batch", "--signal=USR1", job_id])
+    info = wait_finished(slurm, job_id, timeout=300)
+    log = job_log(tmp_path, "batch_usr1", job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "SIGUSR1: passing it to the job step" in log
+    assert "task 0 got SIGUSR1" in log and "task 1 got SIGUSR1" in log
+    assert preemption_marker(log)["signal"] == "SIGUSR1"
+
+
+@pytest.mark.slow
+def test_time_limit_warning_reaches_every_step_and_the_job_requeues(slurm, tmp_path):
+    """The rendered `#SBATCH --signal=B:USR1@50` with a one-minute limit: slurmctld's own timer
+    (checked every 30 s) sends SIGUSR1 to the batch shell, which passes it to the tasks on both
+    nodes, and the script requeues the job. torchrun is replaced by a stand-in here."""
+    job_id = submit_stand_in(slurm, tmp_path, "limit", "--time", "1", "--signal-grace", "50")
     info = wait_finished(slurm, job_id, timeout=300)
     log = job_log(tmp_path, "limit", job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "SIGUSR1: passing it to the job step" in log
     assert "task 0 got SIGUSR1" in log and "task 1 got SIGUSR1" in log
     assert preemption_marker(log)["signal"] == "SIGUSR1"
     assert "(restart 1)" in log

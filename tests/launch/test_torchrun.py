@@ -14,7 +14,14 @@ import pytest
 
 from megalite.checkpoint import newest_complete
 from tests.conftest import REPO
-from tests.launch.conftest import CKPT_EVERY, LAUNCH, STEPS, by_step, launch_overrides
+from tests.launch.conftest import (
+    CKPT_EVERY,
+    FINGERPRINT,
+    LAUNCH,
+    STEPS,
+    by_step,
+    launch_overrides,
+)
 from tests.launch.procs import children, cmdline, environ, last_step, stop_process, wait_for
 
 
@@ -41,7 +48,7 @@ def test_sigkill_of_a_worker_restarts_the_group_and_resumes_with_no_step_lost(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env=dict(os.environ, LOGLEVEL="INFO"),  # torchrun logs its restarts at INFO
+            env=dict(os.environ, LOGLEVEL="INFO", **FINGERPRINT),  # torchrun logs restarts at INFO
         )  # fmt: skip
     try:
         # Mid-run: a checkpoint exists and steps past it were taken (they will be redone).

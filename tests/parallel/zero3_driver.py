@@ -5,8 +5,9 @@
 cases.json: a list of {"name", "kind", "overrides"}; rank 0 writes one result per case to
 out.json.
 - kind "rss": the peak resident memory each rank gains while `deepspeed.materialize` builds the
-  model under ZeRO-3, then while the same model is materialized whole (what zero1/2 and
-  ZeRO-3 before did), and while `deepspeed.build` adds the engine; with the model's size.
+  model under ZeRO-3 (after a warm-up build of the "warmup_overrides" model), then while the
+  same model is materialized whole (what zero1/2, and ZeRO-3 before, do), and while
+  `deepspeed.build` adds the engine; with the model's size.
 - kind "weights": `deepspeed.build` under ZeRO-3; the largest difference between its gathered
   initial weights and those of one process (or of the checkpoint given by "init_seed": a DCP
   checkpoint of a model initialized from that seed), and the losses of a few steps next to
@@ -27,8 +28,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megalite.checkpoint import model_meta  # noqa: E402
-from megalite.model.transformer import build_model, count_params  # noqa: E402
-from megalite.optim import build_optimizer  # noqa: E402
+from megalite.model.transformer import build_model, canonical_name, count_params  # noqa: E402
+from megalite.optim import build_optimizer, param_groups  # noqa: E402
 from megalite.parallel import deepspeed as ds  # noqa: E402
 from megalite.parallel.dims import ParallelDims  # noqa: E402
 from megalite.train import compose_config  # noqa: E402
@@ -51,7 +52,10 @@ def peak_growth_mib(fn) -> tuple[object, float]:
     return out, (_status_kib("VmHWM") - before) / 1024
 
 
-def rss_case(cfg, world: int) -> dict:
+def rss_case(cfg, warmup_cfg, world: int) -> dict:
+    # DeepSpeed's first zero.Init imports modules and sets up state once per process (~45 MiB
+    # here): done first, on a tiny model, so the measurement sees the model only.
+    ds.materialize(warmup_cfg, ParallelDims.from_config(warmup_cfg.parallel, world), 2 * world, CPU)
     dims = ParallelDims.from_config(cfg.parallel, world)
     batch = cfg.train.micro_batch_size * world
     model, zero3 = peak_growth_mib(lambda: ds.materialize(cfg, dims, batch, CPU))
@@ -77,7 +81,7 @@ def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
-            out[name] = p.detach().clone()
+            out[canonical_name(name)] = p.detach().clone()
     return out
 
 
@@ -139,6 +143,12 @@ def weights_case(cfg, world: int, case: dict, tmp: Path) -> dict:
     return {
         "param_dtype": str(next(iter(got.values())).dtype),
         "rope_dtype": str(engine.module.rope.dtype),
+        # Weight decay: which parameters get it is read from their shapes (flat under ZeRO-3).
+        "group_sizes": [len(g["params"]) for g in param_groups(engine.module, cfg.optim)],
+        "single_group_sizes": [len(g["params"]) for g in param_groups(ref, cfg.optim)],
+        "checkpointed_blocks": sum(
+            type(m).__name__ == "CheckpointWrapper" for m in engine.module.modules()
+        ),
         "init_max_abs_diff": init_diff,
         "cast_rounding": rounding,
         "losses": losses,
@@ -156,7 +166,7 @@ def main() -> None:
         for case in cases:
             cfg = compose_config(case["overrides"])
             if case["kind"] == "rss":
-                result = rss_case(cfg, world)
+                result = rss_case(cfg, compose_config(case["warmup_overrides"]), world)
                 # Every rank's figure: the test judges the worst.
                 per_rank = [None] * world
                 dist.all_gather_object(per_rank, result)
