@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from megalite.bench import BenchConfig, ensure_data, percentile
+from megalite.bench import percentile
+from megalite.bench_grid import BenchConfig, ensure_data
 from megalite.bench_report import git_sha
+from megalite.compose import compose_config
 from megalite.metrics import device_name
 from megalite.model.transformer import build_model
-from megalite.train import compose_config
 from megalite.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from megalite.bench_report import git_sha
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
 MODEL = [
@@ -87,7 +89,7 @@ def worker(strategy: str, data: Path, run: Path, steps: int) -> None:
     first step), then track one full step's tensor memory on this rank."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from megalite.train import compose_config
+    from megalite.compose import compose_config
     from megalite.trainer import Trainer
 
     extra, _, _ = STRATEGIES[strategy]
@@ -95,10 +97,10 @@ def worker(strategy: str, data: Path, run: Path, steps: int) -> None:
     for _ in range(max(1, steps - 1)):
         trainer.train_step()
     tracker = MemTracker()
-    optimizer = trainer.optimizer
+    optimizer = trainer.engine.optimizer
     # DeepSpeed wraps the torch optimizer; the tracker needs the torch one.
     base_opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
-    tracker.track_external(trainer.model, base_opt)
+    tracker.track_external(trainer.engine.model, base_opt)
     with tracker:
         trainer.train_step()
     peak = tracker.get_tracker_snapshot("peak")[trainer.device]
@@ -118,8 +120,8 @@ def worker(strategy: str, data: Path, run: Path, steps: int) -> None:
 
 def activation_bytes(data: Path) -> int:
     """Bytes autograd saves in one forward of a MICRO x 128 micro-batch (fp32)."""
+    from megalite.compose import compose_config
     from megalite.model.transformer import build_model
-    from megalite.train import compose_config
 
     cfg = compose_config(overrides(data, OUT / "unused", [], 1))
     model = build_model(cfg.model)
@@ -161,13 +163,6 @@ def ensure_data() -> Path:
             check=True,
         )
     return data
-
-
-def git_sha() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    )
-    return out.stdout.strip() or "unknown"
 
 
 def main() -> None:

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import triton
-from megalite.kernels import cross_entropy, flash_attention, rms_norm
+from megalite.kernels import cross_entropy, rms_norm
+from megalite.kernels import flash_attention_bwd as fa_bwd
+from megalite.kernels import flash_attention_fwd as fa_fwd
 from megalite.kernels._utils import INTERPRET
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -141,13 +143,12 @@ def _strides(*prefixes: str) -> dict[str, str]:
 
 
 def _attention_variants() -> list[Variant]:
-    fa = flash_attention
     ptr = "*bf16"
     out = []
-    for head_dim in fa.SUPPORTED_HEAD_DIMS:
+    for head_dim in fa_fwd.SUPPORTED_HEAD_DIMS:
         fwd_types = dict(Q=ptr, K=ptr, V=ptr, Out=ptr, LSE="*fp32", **_strides("q", "k", "v", "o"))
         fwd_types.update(n_heads="i32", n_rep="i32", seqlen="i32", qk_scale="fp32")
-        for i, cfg in enumerate(fa.FWD_CONFIGS[head_dim]):
+        for i, cfg in enumerate(fa_fwd.FWD_CONFIGS[head_dim]):
             for causal in (True, False) if i == 0 else (True,):
                 consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, UPCAST=False, DOT_PRECISION="tf32")
                 consts.update(cfg.kwargs)
@@ -155,7 +156,7 @@ def _attention_variants() -> list[Variant]:
                     Variant(
                         "attn_fwd",
                         _describe(cfg, head_dim, causal),
-                        fa._attn_fwd_kernel.fn,
+                        fa_fwd._attn_fwd_kernel.fn,
                         fwd_types,
                         consts,
                         cfg.num_warps,
@@ -168,10 +169,10 @@ def _attention_variants() -> list[Variant]:
         out.append(
             Variant(
                 "attn_bwd_preprocess",
-                f"D={head_dim} BLOCK_M={fa.PREPROCESS_BLOCK_M}",
-                fa._attn_bwd_preprocess_kernel,
+                f"D={head_dim} BLOCK_M={fa_bwd.PREPROCESS_BLOCK_M}",
+                fa_bwd._attn_bwd_preprocess_kernel,
                 pre_types,
-                {"HEAD_DIM": head_dim, "BLOCK_M": fa.PREPROCESS_BLOCK_M},
+                {"HEAD_DIM": head_dim, "BLOCK_M": fa_bwd.PREPROCESS_BLOCK_M},
                 4,
             )
         )
@@ -182,8 +183,8 @@ def _attention_variants() -> list[Variant]:
         dq_types = dict(bwd_common, DQ=ptr, **_strides("q", "k", "v", "do", "dq"))
         dq_types.update(n_heads="i32", n_rep="i32", seqlen="i32", qk_scale="fp32", sm_scale="fp32")
         for kernel, types, configs in (
-            (fa._attn_bwd_dkdv_kernel, dkdv_types, fa.BWD_DKDV_CONFIGS[head_dim]),
-            (fa._attn_bwd_dq_kernel, dq_types, fa.BWD_DQ_CONFIGS[head_dim]),
+            (fa_bwd._attn_bwd_dkdv_kernel, dkdv_types, fa_bwd.BWD_DKDV_CONFIGS[head_dim]),
+            (fa_bwd._attn_bwd_dq_kernel, dq_types, fa_bwd.BWD_DQ_CONFIGS[head_dim]),
         ):
             for cfg in configs:
                 consts = dict(HEAD_DIM=head_dim, CAUSAL=True, UPCAST=False, DOT_PRECISION="tf32")

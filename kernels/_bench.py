@@ -13,7 +13,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,34 +23,19 @@ from typing import Any
 
 import torch
 
+from megalite.bench_report import git_sha
+from megalite.metrics import device_name
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
 def provenance() -> dict[str, str]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
-        "device": device_name(),
+        "device": device_name(device),
     }
 
 

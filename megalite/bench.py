@@ -15,9 +15,9 @@ process, multi-rank cells each in their own `torchrun --standalone` job of `npro
 under torchrun or srun, every rank walks the grid together at that world size (cells whose layout
 does not fit the world size are skipped with the config error).
 
-A grid entry of `model` or `parallel` is a preset name optionally followed by overrides, e.g.
-`"fsdp_tp parallel.tp=2"`. Cells whose backend cannot run here (Triton kernels and flash-attn on
-a CPU, a missing package) or whose config is invalid are reported as skipped, with the reason.
+The grid, its cells and the datasets they read are megalite/bench_grid.py. Cells whose backend
+cannot run here (Triton kernels and flash-attn on a CPU, a missing package) or whose config is
+invalid are reported as skipped, with the reason.
 
 Outputs, in `out_dir`: results.csv (one row per cell with git SHA, device, world size, timestamp,
 every setting, median / p20 / p80 step time, tokens/s and TFLOP/s per device, MFU, HFU, peak and
@@ -29,267 +29,29 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from hydra.core.config_store import ConfigStore
 
+from megalite.bench_grid import (
+    BenchConfig,
+    Cell,
+    compose_bench,
+    data_dir_for,
+    ensure_data,
+    expand,
+    skip_reason,
+)
 from megalite.bench_report import git_sha, markdown_table, write_outputs
-from megalite.config import ConfigError
-from megalite.devices import PRECISIONS, resolve_precision
-from megalite.metrics import AC_MODES
-
-ATTENTION = ("auto", "sdpa", "triton", "flash_attn")
-NORM = ("auto", "torch", "triton")
-LOSS = ("auto", "torch", "triton", "fused_linear")
-
-
-# ------------------------------------------------------------------------------- config
-@dataclass
-class GridConfig:
-    """The axes; the grid is their product, in this order."""
-
-    model: list[str] = field(default_factory=lambda: ["debug"])
-    parallel: list[str] = field(default_factory=lambda: ["single"])
-    seq_len: list[int] = field(default_factory=lambda: [128])
-    micro_batch: list[int] = field(default_factory=lambda: [8])
-    attention: list[str] = field(default_factory=lambda: ["sdpa"])
-    norm: list[str] = field(default_factory=lambda: ["torch"])
-    loss: list[str] = field(default_factory=lambda: ["torch"])
-    compile: list[bool] = field(default_factory=lambda: [False])
-    activation_checkpointing: list[str] = field(default_factory=lambda: ["none"])
-
-
-@dataclass
-class BenchDataConfig:
-    # A prepared dataset for every cell; "{seq_len}" in it is replaced by the cell's seq len.
-    # None: prepare `inputs` at each seq len into cache_dir (once; later runs reuse it).
-    dir: str | None = None
-    inputs: list[str] = field(default_factory=lambda: ["shakespeare"])
-    vocab_size: int = 4096
-    cache_dir: str = "benchmarks/results/data"
-
-
-@dataclass
-class BenchConfig:
-    name: str = "bench"
-    grid: GridConfig = field(default_factory=GridConfig)
-    data: BenchDataConfig = field(default_factory=BenchDataConfig)
-    warmup_steps: int = 3
-    measure_steps: int = 10
-    # auto: bf16 on GPUs and CPUs with native bf16, else fp32 (megalite.devices.resolve_precision)
-    precision: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda
-    # Ranks of the torchrun job of each multi-rank cell when started plainly; None: the GPU
-    # count, or 2 on a CPU.
-    nproc: int | None = None
-    # CPU threads per process (torch.set_num_threads / OMP_NUM_THREADS); None: torch's default
-    # in the driver and the cores split evenly between the ranks of a torchrun job. On a shared
-    # machine fewer threads than cores avoid OpenMP spin-waiting against other work.
-    cpu_threads: int | None = None
-    cell_timeout_s: int = 1800
-    # Dense bf16 peak per device; None: the table for known GPUs, else one GEMM probe.
-    peak_tflops: float | None = None
-    # megalite-train overrides for every cell (e.g. optim.lr=1e-4, a data mixture, ...).
-    overrides: list[str] = field(default_factory=list)
-    # None: benchmarks/results/bench-<name>-<timestamp>.
-    out_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if self.measure_steps < 1:
-            raise ConfigError(f"measure_steps={self.measure_steps} must be >= 1")
-        for key in ("nproc", "cpu_threads"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1 (or null for auto)")
-        for key, choices in (("precision", PRECISIONS), ("device", ("auto", "cpu", "cuda"))):
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {choices}")
-        for key, choices in (
-            ("attention", ATTENTION),
-            ("norm", NORM),
-            ("loss", LOSS),
-            ("activation_checkpointing", AC_MODES),
-        ):
-            for value in getattr(self.grid, key):
-                if value not in choices:
-                    raise ConfigError(
-                        f"grid.{key} has {value!r}, not one of {', '.join(choices)}; fix the list"
-                    )
-        for key in ("model", "parallel", "seq_len", "micro_batch", "attention", "compile"):
-            if not getattr(self.grid, key):
-                raise ConfigError(f"grid.{key} is empty; give at least one value")
-
-
-ConfigStore.instance().store(name="base_bench", node=BenchConfig)
-
-
-def bench_conf_dir() -> Path:
-    from megalite.train import CONF_DIR
-
-    return Path(CONF_DIR) / "bench"
-
-
-def compose_bench(name: str, overrides: list[str]) -> BenchConfig:
-    """The typed BenchConfig of conf/bench/<name>.yaml with Hydra overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    conf_dir = bench_conf_dir()
-    if not (conf_dir / f"{name}.yaml").is_file():
-        known = ", ".join(sorted(p.stem for p in conf_dir.glob("*.yaml")))
-        raise ConfigError(f"--config={name!r} is not in {conf_dir}; pick one of {known}")
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            return OmegaConf.to_object(compose(name, overrides=overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from e
-    except HydraException as e:  # a bad override: Hydra's message, then OmegaConf's reason
-        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
-        raise ConfigError(str(e).splitlines()[0].rstrip(".") + cause) from e
-
-
-# -------------------------------------------------------------------------------- cells
-@dataclass
-class Cell:
-    model: str
-    parallel: str
-    seq_len: int
-    micro_batch: int
-    attention: str
-    norm: str
-    loss: str
-    compile: bool
-    activation_checkpointing: str
-
-    @property
-    def id(self) -> str:
-        # Safe in a path and in a Hydra override value (no '=', spaces or quotes).
-        text = "-".join(str(v) for v in asdict(self).values())
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-    @property
-    def multi_rank(self) -> bool:
-        return self.parallel.split()[0] != "single"
-
-    def label(self) -> str:
-        model, parallel = self.model.split()[0], self.parallel.replace(" parallel.", " ")
-        extra = [self.attention, self.norm, self.loss]
-        extra += ["compile"] if self.compile else []
-        if self.activation_checkpointing != "none":
-            extra.append(f"ac={self.activation_checkpointing}")
-        return f"{model} {parallel} s{self.seq_len} b{self.micro_batch} {'/'.join(extra)}"
-
-    def overrides(self, bench: BenchConfig, data_dir: Path, run_dir: Path) -> list[str]:
-        model, *model_extra = self.model.split()
-        parallel, *parallel_extra = self.parallel.split()
-        steps = bench.warmup_steps + bench.measure_steps
-        return [
-            f"model={model}",
-            f"parallel={parallel}",
-            *model_extra,
-            *parallel_extra,
-            f"model.attention={self.attention}",
-            f"model.norm={self.norm}",
-            f"train.loss={self.loss}",
-            f"train.compile={str(self.compile).lower()}",
-            f"parallel.activation_checkpointing={self.activation_checkpointing}",
-            f"data.dir={data_dir}",
-            f"data.seq_len={self.seq_len}",
-            f"train.micro_batch_size={self.micro_batch}",
-            "train.grad_accum_steps=1",
-            f"train.precision={bench.precision}",
-            f"train.device={bench.device}",
-            f"train.max_steps={steps}",
-            f"train.run_dir={run_dir}",
-            "train.eval_every=0",
-            "train.ckpt_every=0",
-            "train.plot=false",
-            "logging.console=false",
-            "logging.jsonl=false",
-            "logging.wandb.mode=disabled",
-            *bench.overrides,
-        ]
-
-
-def expand(grid: GridConfig) -> list[Cell]:
-    axes = [
-        grid.model,
-        grid.parallel,
-        grid.seq_len,
-        grid.micro_batch,
-        grid.attention,
-        grid.norm,
-        grid.loss,
-        grid.compile,
-        grid.activation_checkpointing,
-    ]
-    return [Cell(*values) for values in itertools.product(*axes)]
-
-
-def skip_reason(cell: Cell, device_type: str) -> str | None:
-    """Why a cell cannot run on this device, before trying (kernels that need a GPU)."""
-    if device_type == "cuda":
-        return None  # a missing package shows up as BackendUnavailableError when building
-    for key, value in (
-        ("model.attention", cell.attention),
-        ("model.norm", cell.norm),
-        ("train.loss", cell.loss),
-    ):
-        if value == "flash_attn":
-            return f"{key}={value} needs a CUDA GPU (flash-attn has no CPU build)"
-        if value in ("triton", "fused_linear"):
-            return (
-                f"{key}={value} is a Triton kernel and needs a CUDA GPU (on a CPU Triton runs "
-                "only in its interpreter, which checks numerics, not speed)"
-            )
-    return None
-
-
-# ---------------------------------------------------------------------------------- data
-def data_dir_for(bench: BenchConfig, seq_len: int) -> Path:
-    if bench.data.dir is not None:
-        return Path(bench.data.dir.replace("{seq_len}", str(seq_len)))
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", "-".join(Path(i).name for i in bench.data.inputs))
-    return Path(bench.data.cache_dir) / f"{slug[:60]}-v{bench.data.vocab_size}-s{seq_len}"
-
-
-def ensure_data(bench: BenchConfig, seq_lens: list[int]) -> dict[int, Path]:
-    """The dataset of every seq len, prepared if missing (all with the first one's tokenizer)."""
-    from megalite.data.prepare import PrepareOptions, prepare
-
-    dirs = {s: data_dir_for(bench, s) for s in sorted(set(seq_lens))}
-    if bench.data.dir is not None:
-        return dirs
-    ready = [d for d in dirs.values() if (d / "manifest.json").is_file()]
-    tokenizer = ready[0] / "tokenizer.json" if ready else None
-    for seq_len, path in dirs.items():
-        if (path / "manifest.json").is_file():
-            continue
-        print(f"megalite-bench: preparing {bench.data.inputs} at seq_len {seq_len} -> {path}")
-        prepare(
-            PrepareOptions(
-                inputs=list(bench.data.inputs),
-                out=str(path),
-                seq_len=seq_len,
-                vocab_size=bench.data.vocab_size,
-                tokenizer=str(tokenizer) if tokenizer else None,
-                progress=False,
-            )
-        )
-        tokenizer = tokenizer or path / "tokenizer.json"
-    return dirs
+from megalite.devices import resolve_precision
+from megalite.errors import MegaliteError, cli_error
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -329,19 +91,10 @@ def _max_over_ranks(values: list[float], info) -> list[float]:
 def run_cell(cell: Cell, bench: BenchConfig, data_dir: Path, run_dir: Path, peak: dict) -> dict:
     """Builds a Trainer for the cell and times its steps; every rank calls this. Returns the
     measured columns (status ok), or status skipped / failed with the reason."""
-    from megalite.data.prepare import DataError
-    from megalite.metrics import (
-        Peak,
-        flops_per_token,
-        hardware_flops_per_token,
-        mfu_warning,
-        peak_memory_gb,
-        reset_peak_memory,
-    )
-    from megalite.model.layers import BackendUnavailableError
+    from megalite.compose import compose_config
+    from megalite.metrics import Peak, mfu_warning, peak_memory_gb, reset_peak_memory
     from megalite.parallel.distributed import pick_device
-    from megalite.plan import estimate_memory, param_count
-    from megalite.train import compose_config
+    from megalite.shapes import flops_per_token, hardware_flops_per_token, param_count
     from megalite.trainer import Trainer
 
     overrides = [*cell.overrides(bench, data_dir, run_dir), f"logging.peak_tflops={peak['tflops']}"]
@@ -353,7 +106,7 @@ def run_cell(cell: Cell, bench: BenchConfig, data_dir: Path, run_dir: Path, peak
     try:
         cfg = compose_config(overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, DataError, BackendUnavailableError) as e:
+    except MegaliteError as e:
         return {"status": "skipped", "reason": str(e).splitlines()[0]}
     try:
         for _ in range(bench.warmup_steps):
@@ -371,7 +124,7 @@ def run_cell(cell: Cell, bench: BenchConfig, data_dir: Path, run_dir: Path, peak
         tokens = trainer.global_batch * cfg.data.seq_len
         # The trainer's config has `auto` backends resolved for this device.
         resolved = trainer.cfg
-        plan = estimate_memory(resolved, world)
+        plan = trainer.memory_plan
     finally:
         trainer.close()
         del trainer
@@ -606,9 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         bench = compose_bench(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"megalite-bench: error: {e}", file=sys.stderr)
-        return 2
+    except MegaliteError as e:
+        return cli_error("megalite-bench", e)
     cells = expand(bench.grid)
     if args.dry_run:
         device = "cuda" if bench.device != "cpu" and torch.cuda.is_available() else "cpu"

@@ -1,10 +1,6 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): atomic, resumable, layout-independent.
-
-    <run_dir>/checkpoints/step_00000400/
-        .metadata, __*_*.distcp   model + optimizer, written by DCP (sharded, reshardable)
-        rank_00000.pt ...         per-rank trainer state: RNG states, data-stream position
-        meta.json                 step, tokens, world size, model config (written last)
-    <run_dir>/checkpoints/latest  name of the newest complete checkpoint
+"""Checkpoints with torch.distributed.checkpoint (DCP): atomic, resumable, layout-independent;
+and the one loader every inference tool (megalite-eval, megalite-generate, megalite-convert
+to-hf) uses. The files and their names are laid out in rundir.py.
 
 A checkpoint is written into `step_N.tmp/` and renamed to `step_N/` only after every rank has
 finished, so a directory named `step_N` with a meta.json is always complete; `latest` is replaced
@@ -17,7 +13,6 @@ plain Python values and are loaded with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import re
@@ -25,11 +20,12 @@ import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -37,9 +33,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from megalite import rundir
 from megalite.config import ModelConfig
+from megalite.errors import CheckpointError, ConfigError
+from megalite.model.transformer import Transformer
 from megalite.parallel.distributed import DistInfo, barrier
 from megalite.resilience import failpoint
+
+if TYPE_CHECKING:  # engine.py imports this module
+    from megalite.engine import Engine
 
 # What defines the function a checkpoint's weights compute: parameter shapes, and the RoPE base
 # and norm epsilon. A checkpoint is loadable only if all of them match (the kernel backends and
@@ -63,39 +65,6 @@ def _model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: getattr(model, k) for k in MODEL_FIELDS}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the path, the problem and the fix."""
-
-
-def ckpt_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_complete(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a half-written `.tmp` dir is never listed)."""
-    root = ckpt_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir()
-        and p.name.startswith("step_")
-        and p.name[5:].isdigit()
-        and (p / "meta.json").is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def newest_complete(run_dir: str | Path) -> Path | None:
-    found = list_complete(run_dir)
-    return found[-1] if found else None
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -110,7 +79,6 @@ def _fsync_file(path: Path) -> None:
 
 
 _DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")
-_RANK_FILE = re.compile(r"^rank_(\d+)\.pt$")
 _DS_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_")
 
 
@@ -119,7 +87,7 @@ def _owner(name: str) -> int | None:
     writes those): DCP's `__<rank>_<n>.distcp`, megalite's `rank_<rank>.pt`, DeepSpeed's
     `[bf16_]zero_pp_rank_<rank>_mp_rank_*` (megalite's ZeRO has no model parallelism, so the
     data-parallel rank is the rank)."""
-    for pattern in (_DCP_SHARD, _RANK_FILE, _DS_SHARD):
+    for pattern in (_DCP_SHARD, rundir.RANK_FILE, _DS_SHARD):
         m = pattern.match(name)
         if m:
             return int(m.group(1))
@@ -153,28 +121,16 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def model_meta(cfg: ModelConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 def check_compatible(path: Path, cfg: ModelConfig, engine: str | None = None) -> dict[str, Any]:
     """Reads meta.json and refuses a checkpoint of a different model shape, naming every field,
     or (when `engine` is given) one written by the other engine (DCP vs DeepSpeed)."""
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(
-            f"{str(path)!r} is not a complete megalite checkpoint (no meta.json); "
-            "point train.resume at a step_N dir, or use train.resume=auto"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{str(meta_path)!r} is not valid JSON ({e})") from e
+    meta = rundir.read_meta(path, "point train.resume at a step_N dir, or use train.resume=auto")
     try:
         saved = _model_fields(meta.get("model", {}))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{str(meta_path)!r} holds no valid model config ({e})") from e
-    want = _model_fields(model_meta(cfg))
+        where = str(path / rundir.META)
+        raise CheckpointError(f"{where!r} holds no valid model config ({e})") from e
+    want = _model_fields(asdict(cfg))
     names = {"kv_heads": "n_kv_heads", "hidden_dim": "ffn_dim"}
     diffs = [
         f"model.{names.get(k, k)}: checkpoint {saved[k]!r}, config {want[k]!r}"
@@ -191,7 +147,7 @@ def check_compatible(path: Path, cfg: ModelConfig, engine: str | None = None) ->
     if engine is not None and saved_engine != engine:
         if saved_engine == "deepspeed":
             fix = (
-                f"convert it first (python -m megalite.parallel.deepspeed {path} <new dir>) "
+                f"convert it first (megalite-convert from-deepspeed {path} <new dir>) "
                 "and start from it with train.init_from=<new dir>"
             )
         else:
@@ -203,55 +159,63 @@ def check_compatible(path: Path, cfg: ModelConfig, engine: str | None = None) ->
     return meta
 
 
+def save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Model + optimizer as DCP files (unsharded FQNs: loadable under any layout)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+
+
+def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Loads model + optimizer in place, resharding to the current layout."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+
+
 def save(
     run_dir: str | Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    engine: Engine,
     trainer_state: dict[str, Any],
     model_cfg: ModelConfig,
     dist_info: DistInfo,
     keep_last: int,
-    engine: Any = None,
 ) -> Path:
     """Writes a checkpoint atomically on every rank (a collective); returns its final path.
-    With a DeepSpeed `engine`, model and optimizer are written by DeepSpeed instead of DCP."""
-    root = ckpt_root(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / (step_dir_name(step) + ".tmp")
+    The engine writes model + optimizer (DCP, or DeepSpeed's own files)."""
+    run = rundir.RunDir(run_dir)
+    final, tmp = run.checkpoint(step), run.staging(step)
     if dist_info.is_main:
         if tmp.exists():  # a save that died earlier at this step
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    if engine is not None:
-        from megalite.parallel import deepspeed as ds
-
-        ds.save(engine, tmp)
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with warnings.catch_warnings():
-            # Without a process group DCP warns that it saves from a single process: intended.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    engine.save(tmp)
     failpoint("save_after_weights", step)
     rank_state = dict(trainer_state, rng=_rng_state(dist_info.device))
-    torch.save(rank_state, tmp / f"rank_{dist_info.rank:05d}.pt")
+    torch.save(rank_state, rundir.rank_file(tmp, dist_info.rank))
     # Every rank's files are durable before the barrier, so meta.json (the mark of a complete
     # checkpoint) is never on disk ahead of a shard.
     _fsync_own_files(tmp, dist_info.rank)
     barrier()
     failpoint("save_before_meta", step)
     if dist_info.is_main:
-        meta = {
-            "step": step,
-            "tokens": trainer_state.get("tokens"),
-            "world_size": dist_info.world_size,
-            "engine": "deepspeed" if engine is not None else "dcp",
-            "model": model_meta(model_cfg),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_file(tmp / "meta.json")
+        meta = rundir.write_meta(
+            tmp,
+            step=step,
+            tokens=trainer_state.get("tokens"),
+            world_size=dist_info.world_size,
+            engine=engine.checkpoint_format,
+            model=model_cfg,
+        )
+        _fsync_file(meta)
         # The directory entries (DeepSpeed may write into subdirectories), deepest first.
         for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             _fsync_dir(d)
@@ -261,52 +225,33 @@ def save(
             shutil.rmtree(final)
         tmp.rename(final)
         failpoint("save_before_latest", step)
-        latest_tmp = root / "latest.tmp"
+        latest_tmp = run.latest.with_name(run.latest.name + ".tmp")
         latest_tmp.write_text(final.name + "\n")
         _fsync_file(latest_tmp)
-        latest_tmp.replace(root / "latest")
-        _fsync_dir(root)
+        latest_tmp.replace(run.latest)
+        _fsync_dir(run.checkpoints)
         # Prune after the new checkpoint is complete: the newest is never deleted.
         failpoint("save_before_prune", step)
-        for old in list_complete(run_dir)[:-keep_last]:
+        for old in run.complete_checkpoints()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def load(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    model_cfg: ModelConfig,
-    dist_info: DistInfo,
-    engine: Any = None,
-) -> dict[str, Any]:
+def load(path: Path, engine: Engine, model_cfg: ModelConfig, dist_info: DistInfo) -> dict[str, Any]:
     """Loads model + optimizer in place (resharding as needed) and returns the trainer state of
     this rank (rank 0's when the world size changed: the data position is global)."""
-    meta = check_compatible(path, model_cfg, "deepspeed" if engine is not None else "dcp")
-    if not (path / "rank_00000.pt").is_file():
+    meta = check_compatible(path, model_cfg, engine.checkpoint_format)
+    if not rundir.rank_file(path, 0).is_file():
         raise CheckpointError(
             f"{str(path)!r} holds model weights only (no optimizer or trainer state), so a run "
             f"cannot resume from it; start from its weights with train.init_from={path}"
         )
-    if engine is not None:
-        from megalite.parallel import deepspeed as ds
-
-        ds.load(engine, path)
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-    rank_file = path / f"rank_{dist_info.rank:05d}.pt"
+    engine.load(path)
+    rank_file = rundir.rank_file(path, dist_info.rank)
     same_world = meta.get("world_size") == dist_info.world_size
     if not same_world or not rank_file.is_file():
-        rank_file = path / "rank_00000.pt"
+        rank_file = rundir.rank_file(path, 0)
     trainer_state = torch.load(rank_file, weights_only=True)
     if same_world:
         _set_rng_state(trainer_state["rng"], dist_info.device)
@@ -324,3 +269,87 @@ def load_model_weights(path: Path, model: nn.Module, model_cfg: ModelConfig) -> 
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     return meta
+
+
+# ------------------------------------------------------------------------ for inference
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir from a step_N dir, a megalite-convert output or a run dir (its newest
+    complete checkpoint)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} does not exist; give a step_N checkpoint dir, a run dir "
+            "(its newest checkpoint is used) or a megalite-convert output dir"
+        )
+    if (p / rundir.META).is_file():
+        return p
+    run = rundir.RunDir(p)
+    newest = run.newest_checkpoint()
+    if newest is not None:
+        return newest
+    if run.checkpoints.is_dir():
+        raise CheckpointError(
+            f"run dir {str(p)!r} holds no complete checkpoint (checkpoints/step_N/meta.json); "
+            "wait for the first checkpoint or pass a step_N dir"
+        )
+    raise CheckpointError(
+        f"{str(p)!r} is neither a checkpoint (no meta.json) nor a run dir (no checkpoints/); "
+        "give a step_N checkpoint dir, a run dir or a megalite-convert output dir"
+    )
+
+
+def inference_config(meta: dict[str, Any], ckpt: Path) -> ModelConfig:
+    """The checkpoint's model, with the portable backends (SDPA attention, PyTorch norm): they do
+    not change the weights, run on any device, and incremental decoding needs SDPA's masks."""
+    where = str(ckpt / rundir.META)
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where!r} has no 'model' entry")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise CheckpointError(
+            f"{where!r} has model fields {unknown} this megalite does not know; "
+            "use the megalite version that wrote the checkpoint"
+        )
+    try:
+        return ModelConfig(**{**saved, "attention": "sdpa", "norm": "torch"})
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where!r}: {e}") from e
+
+
+def load_for_inference(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[Transformer, dict[str, Any]]:
+    """(the model in eval mode with the weights of the checkpoint at `path`, its meta.json).
+    `path`: anything `resolve_checkpoint` takes. Any parallel layout loads, in one process with
+    no process group (DCP reshards on load)."""
+    ckpt = resolve_checkpoint(path)
+    meta = rundir.read_meta(ckpt)
+    cfg = inference_config(meta, ckpt)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    # No random init: every parameter is overwritten by the checkpoint; only buffers are computed.
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_buffers()
+    # First: a DeepSpeed checkpoint gets its own message (and how to convert it).
+    check_compatible(ckpt, cfg, engine="dcp")
+    if not (ckpt / rundir.DCP_INDEX).is_file():
+        raise CheckpointError(
+            f"{str(ckpt)!r} has a meta.json but no .metadata (the DCP index of its tensors): the "
+            "checkpoint is incomplete; use another step_N dir"
+        )
+    try:
+        load_model_weights(ckpt, model, cfg)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
+        # DCP wraps the cause in a multi-line report; its last line names it.
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        cause = lines[-1].strip()[:300] if lines else type(e).__name__
+        raise CheckpointError(
+            f"cannot load the weights of {str(ckpt)!r} ({cause}); the checkpoint is damaged, "
+            "use another step_N dir"
+        ) from e
+    return model.eval(), meta

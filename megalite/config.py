@@ -3,7 +3,8 @@
 Every YAML file under `conf/<group>/` starts from its schema (`defaults: [base_<group>, _self_]`),
 so an unknown key or a wrong type fails when Hydra composes the config. Values are checked where
 they live (`__post_init__`, which `OmegaConf.to_object` runs), and the checks that need several
-groups or the world size live in `Config.__post_init__` and `check_world_size` — nowhere else.
+groups live in `Config.__post_init__`; those that need the world size live with the degrees, in
+`parallel/dims.py` (`ParallelDims.from_config`, `check_world_size`) — nowhere else.
 
 Every error names the full key, the value received and a fix.
 """
@@ -17,9 +18,9 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the key, the value and the fix."""
+from megalite.backends import AC_MODES, ATTENTION, LOSS, NORM
+from megalite.errors import ConfigError
+from megalite.strategies import MESH_DIMS, STRATEGIES
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -56,8 +57,8 @@ class ModelConfig:
     init_std: float = 0.02
     # auto: sdpa and torch on every device (torch SDPA picks flash/cuDNN kernels on CUDA; compile
     # fuses the norm). megalite's Triton kernels and flash-attn are opt-in.
-    attention: str = "auto"  # auto | sdpa | triton | flash_attn
-    norm: str = "auto"  # auto | torch | triton
+    attention: str = "auto"  # auto or a row of backends.ATTENTION
+    norm: str = "auto"  # auto or a row of backends.NORM
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
@@ -83,8 +84,8 @@ class ModelConfig:
             )
         if self.ffn_dim is not None:
             _positive("model.ffn_dim", self.ffn_dim)
-        _choice("model.attention", self.attention, ("auto", "sdpa", "triton", "flash_attn"))
-        _choice("model.norm", self.norm, ("auto", "torch", "triton"))
+        _choice(ATTENTION.key, self.attention, ATTENTION.choices)
+        _choice(NORM.key, self.norm, NORM.choices)
 
     @property
     def kv_heads(self) -> int:
@@ -106,10 +107,6 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------ parallel
-STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "tp", "fsdp_tp", "zero1", "zero2", "zero3")
-DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")
-
-
 @dataclass
 class ParallelConfig:
     """How the model is spread over ranks; presets in conf/parallel/.
@@ -119,13 +116,13 @@ class ParallelConfig:
     is consecutive ranks (one node).
     """
 
-    strategy: str = "ddp"
+    strategy: str = "ddp"  # a row of megalite/strategies.py
     dp_replicate: int = -1
     dp_shard: int = 1
     tp: int = 1
     # FSDP2: free the unsharded parameters after forward (re-gathered for backward).
     reshard_after_forward: bool = True
-    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing: str = "none"  # one of backends.AC_MODES
     # With gradient accumulation, reduce gradients once per optimizer step instead of once per
     # micro-batch (DDP no_sync; FSDP2 holds unsharded fp32 gradients meanwhile: parameters x 4
     # bytes / tp per rank; HSDP defers only the cross-replica all-reduce). false: reduce every
@@ -136,15 +133,11 @@ class ParallelConfig:
     timeout_s: int = 600
 
     def __post_init__(self) -> None:
-        _choice("parallel.strategy", self.strategy, STRATEGIES)
+        _choice("parallel.strategy", self.strategy, tuple(STRATEGIES))
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
-        _choice(
-            "parallel.activation_checkpointing",
-            self.activation_checkpointing,
-            ("none", "full", "selective"),
-        )
+        _choice("parallel.activation_checkpointing", self.activation_checkpointing, AC_MODES)
         _positive("parallel.timeout_s", self.timeout_s)
-        degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        degrees = {key: getattr(self, key) for key in MESH_DIMS}
         for key, value in degrees.items():
             if value == 0 or value < -1:
                 raise ConfigError(f"parallel.{key}={value} must be >= 1, or -1 for the rest")
@@ -153,24 +146,14 @@ class ParallelConfig:
                 f"parallel: only one degree may be -1, got dp_replicate={self.dp_replicate} "
                 f"dp_shard={self.dp_shard} tp={self.tp}; set the others explicitly"
             )
-        # What each strategy allows: the degree that must stay 1, and why.
-        must_be_one = {
-            "single": ("dp_replicate", "dp_shard", "tp"),
-            "ddp": ("dp_shard", "tp"),
-            "fsdp": ("dp_replicate", "tp"),
-            "hsdp": ("tp",),
-            "tp": ("dp_replicate", "dp_shard"),
-            "fsdp_tp": (),
-            "zero1": ("dp_shard", "tp"),
-            "zero2": ("dp_shard", "tp"),
-            "zero3": ("dp_shard", "tp"),
-        }[self.strategy]
-        for key in must_be_one:
+        # The degrees the strategy keeps at 1 (`single` also takes -1: it ignores them all).
+        strategy = STRATEGIES[self.strategy]
+        for key in strategy.fixed_dims:
             value = degrees[key]
-            if value != 1 and not (self.strategy == "single" and value == -1):
+            if value != 1 and not (strategy.single_process and value == -1):
                 hint = (
                     "DeepSpeed ZeRO does not combine with tensor parallelism; use fsdp_tp"
-                    if key == "tp" and self.strategy in DEEPSPEED_STRATEGIES
+                    if key == "tp" and strategy.deepspeed
                     else f"set parallel.{key}=1 or pick a strategy that uses it"
                 )
                 raise ConfigError(
@@ -376,7 +359,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32
     # auto: the fused linear + cross-entropy kernel on CUDA (no N x V logits), torch on a CPU
     # and under tensor parallelism (loss-parallel CE over the vocab-sharded logits).
-    loss: str = "auto"  # auto | torch | triton | fused_linear
+    loss: str = "auto"  # auto or a row of backends.LOSS
     compile: bool = False
     run_dir: str = "runs/default"
     log_every: int = 10
@@ -407,7 +390,7 @@ class TrainConfig:
             _positive("train.stop_at_step", self.stop_at_step)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
-        _choice("train.loss", self.loss, ("auto", "torch", "triton", "fused_linear"))
+        _choice(LOSS.key, self.loss, LOSS.choices)
         _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
         if not self.run_dir:
             raise ConfigError("train.run_dir is empty; give a directory for checkpoints and logs")
@@ -478,71 +461,17 @@ def check_tp(cfg: Config, tp: int) -> None:
             raise ConfigError(
                 f"parallel.tp={tp} does not divide {key}={value}; pick a tp that divides {value}"
             )
-    if cfg.train.loss in ("fused_linear", "triton"):
+    if not LOSS.supports_tp(cfg.train.loss):
         raise ConfigError(
             f"train.loss={cfg.train.loss} does not support a vocab-sharded output layer "
             f"(parallel.tp={tp}); use train.loss=torch (loss parallel) or auto with tensor "
             "parallelism"
         )
-    if cfg.model.norm == "triton":
+    if not NORM.supports_tp(cfg.model.norm):
         raise ConfigError(
-            f"model.norm=triton does not take sequence-sharded inputs (parallel.tp={tp}); "
-            "use model.norm=torch or auto with tensor parallelism"
+            f"model.norm={cfg.model.norm} does not take sequence-sharded inputs "
+            f"(parallel.tp={tp}); use model.norm=torch or auto with tensor parallelism"
         )
-
-
-def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) with -1 filled in; their product must be the world size."""
-    degrees = [cfg.dp_replicate, cfg.dp_shard, cfg.tp]
-    if cfg.strategy == "single":
-        degrees = [1, 1, 1]
-    known = math.prod(d for d in degrees if d != -1)
-    if -1 in degrees:
-        if world_size % known:
-            raise ConfigError(
-                f"parallel degrees dp_replicate={cfg.dp_replicate} dp_shard={cfg.dp_shard} "
-                f"tp={cfg.tp}: the fixed ones multiply to {known}, which does not divide the "
-                f"world size {world_size}; pick degrees dividing {world_size}"
-            )
-        degrees[degrees.index(-1)] = world_size // known
-    if math.prod(degrees) != world_size:
-        if cfg.strategy == "single":
-            raise ConfigError(
-                f"parallel.strategy=single but the world size is {world_size}; "
-                "use parallel=ddp (or another multi-rank layout) under torchrun"
-            )
-        raise ConfigError(
-            f"parallel degrees dp_replicate={degrees[0]} x dp_shard={degrees[1]} x tp="
-            f"{degrees[2]} = {math.prod(degrees)} but the world size is {world_size}; make "
-            "their product equal the number of processes (or set one of them to -1)"
-        )
-    return degrees[0], degrees[1], degrees[2]
-
-
-def check_world_size(cfg: Config, world_size: int) -> int:
-    """Checks the degrees and the batch arithmetic against the world size; returns the global
-    batch size in sequences."""
-    dp_replicate, dp_shard, tp = resolve_degrees(cfg.parallel, world_size)
-    if tp > 1:
-        check_tp(cfg, tp)
-    dp = dp_replicate * dp_shard
-    derived = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
-    if cfg.train.global_batch_size is not None and cfg.train.global_batch_size != derived:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} does not equal "
-            f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum_steps="
-            f"{cfg.train.grad_accum_steps} x data-parallel size {dp} = {derived}; set "
-            f"train.global_batch_size={derived} or change the micro-batch / accumulation"
-        )
-    if cfg.parallel.strategy in DEEPSPEED_STRATEGIES:
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                f"parallel.strategy={cfg.parallel.strategy} needs DeepSpeed, which is not "
-                "installed; `pip install megalite[deepspeed]`, or use parallel=fsdp"
-            )
-    return derived
 
 
 GROUPS: dict[str, type] = {

@@ -1,5 +1,6 @@
-"""`megalite-eval`: the perplexity of a checkpoint on a validation split or a text file, and the
-checkpoint loading every inference tool shares (eval, generate, export).
+"""`megalite-eval`: the perplexity of a checkpoint on a validation split or a text file; and what
+every inference tool (eval, generate, export) shares beside the weights, which
+`checkpoint.load_for_inference` loads: the run's data config, the tokenizer, EOS ids, the device.
 
 megalite-eval runs/cpu_demo                           # newest checkpoint, the run's val split
 megalite-eval runs/cpu_demo/checkpoints/step_00000400 --text notes.txt --json ppl.json
@@ -25,108 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
-from megalite import checkpoint
-from megalite.checkpoint import CheckpointError
+from megalite.checkpoint import inference_config, load_for_inference, resolve_checkpoint
 from megalite.config import ConfigError, DataConfig, ModelConfig
 from megalite.data.common import EOS, MANIFEST, TOKENIZER, DataError, read_manifest
+from megalite.errors import MegaliteError, cli_error
 from megalite.model.transformer import Transformer
+from megalite.rundir import RunDir, read_meta
 
 
-# --------------------------------------------------------------- loading a checkpoint
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir from a step_N dir, a megalite-convert output or a run dir (its newest
-    complete checkpoint)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(
-            f"checkpoint {str(p)!r} does not exist; give a step_N checkpoint dir, a run dir "
-            "(its newest checkpoint is used) or a megalite-convert output dir"
-        )
-    if (p / "meta.json").is_file():
-        return p
-    newest = checkpoint.newest_complete(p)
-    if newest is not None:
-        return newest
-    if checkpoint.ckpt_root(p).is_dir():
-        raise CheckpointError(
-            f"run dir {str(p)!r} holds no complete checkpoint (checkpoints/step_N/meta.json); "
-            "wait for the first checkpoint or pass a step_N dir"
-        )
-    raise CheckpointError(
-        f"{str(p)!r} is neither a checkpoint (no meta.json) nor a run dir (no checkpoints/); "
-        "give a step_N checkpoint dir, a run dir or a megalite-convert output dir"
-    )
-
-
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "meta.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} cannot be read as JSON ({e})") from e
-
-
-def model_config(meta: dict[str, Any], ckpt: Path) -> ModelConfig:
-    """The checkpoint's model, with the portable backends (SDPA attention, PyTorch norm): they do
-    not change the weights, run on any device, and incremental decoding needs SDPA's masks."""
-    saved = meta.get("model")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{str(ckpt / 'meta.json')!r} has no 'model' entry")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        raise CheckpointError(
-            f"{str(ckpt / 'meta.json')!r} has model fields {unknown} this megalite does not know; "
-            "use the megalite version that wrote the checkpoint"
-        )
-    try:
-        return ModelConfig(**{**saved, "attention": "sdpa", "norm": "torch"})
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{str(ckpt / 'meta.json')!r}: {e}") from e
-
-
-def load_model(
-    ckpt: Path, device: torch.device | str = "cpu"
-) -> tuple[Transformer, dict[str, Any]]:
-    """(the model in eval mode with the checkpoint's weights, its meta.json)."""
-    meta = read_meta(ckpt)
-    cfg = model_config(meta, ckpt)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    # No random init: every parameter is overwritten by the checkpoint; only buffers are computed.
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.init_buffers()
-    # First: a DeepSpeed checkpoint gets its own message (and how to convert it).
-    checkpoint.check_compatible(ckpt, cfg, engine="dcp")
-    if not (ckpt / ".metadata").is_file():
-        raise CheckpointError(
-            f"{str(ckpt)!r} has a meta.json but no .metadata (the DCP index of its tensors): the "
-            "checkpoint is incomplete; use another step_N dir"
-        )
-    try:
-        checkpoint.load_model_weights(ckpt, model, cfg)
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
-        # DCP wraps the cause in a multi-line report; its last line names it.
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        cause = lines[-1].strip()[:300] if lines else type(e).__name__
-        raise CheckpointError(
-            f"cannot load the weights of {str(ckpt)!r} ({cause}); the checkpoint is damaged, "
-            "use another step_N dir"
-        ) from e
-    return model.eval(), meta
-
-
+# ---------------------------------------------------------------- what inference shares
 def run_data_config(ckpt: Path) -> DataConfig | None:
     """The typed data config of the run that wrote `ckpt` (its run dir's config.yaml), or None
     when `ckpt` is not a step_N dir of a run dir."""
-    if ckpt.parent.name != "checkpoints":
+    run = RunDir.of_checkpoint(ckpt)
+    if run is None:
         return None
-    path = ckpt.parent.parent / "config.yaml"
+    path = run.config
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
@@ -309,7 +225,7 @@ def evaluate(
     ckpt = resolve_checkpoint(ckpt_path)
     dev = resolve_device(device)
     meta = read_meta(ckpt)
-    cfg = model_config(meta, ckpt)
+    cfg = inference_config(meta, ckpt)
     run = run_data_config(ckpt)
     if text is not None:
         path = Path(text)
@@ -344,7 +260,7 @@ def evaluate(
         seq_len, close = data.seq_len, val.close
         source = f"val split of {data.dir or 'the run data streams'}"
         pairs = val.batches(1, len(val))
-    model, _ = load_model(ckpt, dev)
+    model, _ = load_for_inference(ckpt, dev)
     try:
         loss, tokens, samples = mean_loss(
             model, _group(pairs, batch_size, max_batches), dev, precision
@@ -395,9 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             precision=args.precision,
         )
-    except (CheckpointError, DataError, ConfigError) as e:
-        print(f"megalite-eval: error: {e}", file=sys.stderr)
-        return 2
+    except MegaliteError as e:
+        return cli_error("megalite-eval", e)
     print(
         f"megalite-eval: {res.checkpoint} (step {res.step}) on {res.source}: loss "
         f"{res.loss:.4f} nats/token, perplexity {res.ppl:.2f} over {res.tokens:,} tokens "

@@ -25,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-from megalite.checkpoint import CheckpointError
+from megalite.checkpoint import load_for_inference, resolve_checkpoint
 from megalite.config import ConfigError
 from megalite.data.common import DataError
+from megalite.errors import MegaliteError, cli_error
 from megalite.evaluate import (
     autocast_for,
     eos_ids,
     find_tokenizer,
-    load_model,
     load_tokenizer,
-    resolve_checkpoint,
     resolve_device,
     run_data_config,
 )
@@ -206,15 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         run = run_data_config(ckpt)
         tok = load_tokenizer(find_tokenizer(ckpt, args.tokenizer, run))
-        model, meta = load_model(ckpt, device)
+        model, meta = load_for_inference(ckpt, device)
         eos = eos_ids(meta, tok, run)
         # An empty prompt starts a new document, as EOS does in the training stream.
         prompts = [tok.encode(t).ids or eos[:1] for t in texts]
         with autocast_for(args.precision, device):
             done = generate(model, prompts, s, eos, use_cache=not args.no_cache)
-    except (CheckpointError, DataError, ConfigError) as e:
-        print(f"megalite-generate: error: {e}", file=sys.stderr)
-        return 2
+    except MegaliteError as e:
+        return cli_error("megalite-generate", e)
     results = []
     for text, c in zip(texts, done):
         completion = tok.decode(c.tokens)

@@ -186,7 +186,7 @@ def loss_verdict(losses: list[float]) -> tuple[bool, bool, str]:
 
 def run_training(ctx: Context, layout: str, extra: list[str], on_step=None) -> dict:
     """STEPS optimizer steps of a Trainer; returns the losses and the collectives counted."""
-    from megalite.train import compose_config
+    from megalite.compose import compose_config
     from megalite.trainer import Trainer
 
     name = layout + ("_compile" if extra else "")
@@ -361,7 +361,8 @@ PERF_VARIANTS: tuple[tuple[str, dict], ...] = (
 
 
 def check_perf(ctx: Context) -> list[dict]:
-    from megalite.bench import BenchConfig, Cell, run_cell
+    from megalite.bench import run_cell
+    from megalite.bench_grid import BenchConfig, Cell
     from megalite.devices import resolve_precision
     from megalite.metrics import resolve_peak
 

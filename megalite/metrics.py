@@ -1,29 +1,7 @@
-"""FLOPs per token, peak FLOP/s by device, MFU, and the metric sinks (console, jsonl, wandb).
+"""Peak FLOP/s by device, MFU, and the metric sinks (console, jsonl, wandb).
 
-FLOP convention (the PaLM paper's, appendix B; also Megatron-LM's and torchtitan's):
-
-    flops_per_token = 6 * N_matmul + 12 * n_layers * dim * seq_len
-
-- N_matmul counts every weight used in a matrix multiply: the attention and MLP projections and
-  the output head (tied or not: a tied embedding is still one (V, C) matmul in the head). The
-  input embedding is a lookup, not a matmul, and norms are elementwise: both excluded.
-- 6 = 2 (multiply + add) x 3 (forward, and backward for activations and for weights).
-- The attention term counts QK^T and AV over the full T x T score matrix, forward and backward:
-  2 matmuls x 2 FLOPs x T x dim per token per layer x 3. No causal halving: a causal kernel does
-  about half that work, so this convention overstates attention FLOPs by up to 2x (it matches the
-  numbers published by PaLM, Megatron-LM and torchtitan, which is the point of an MFU).
-- Activation recompute is not counted here: that is HFU, below.
-
-Hardware FLOPs per token (`hardware_flops_per_token`) add what activation checkpointing runs
-again in backward, as PyTorch's checkpoint actually executes it (checked with FlopCounterMode).
-`full` re-runs each block's forward, but stops as soon as every tensor backward needs is rebuilt
-(non-reentrant checkpoint's early stop): the MLP's down projection w2 only feeds the residual
-add, which saves nothing, so it is not re-run. That adds 2 * (N_blocks - n_layers * dim * ffn) +
-4 * n_layers * dim * seq_len (N_blocks = N_matmul without the output head, which is outside the
-checkpointed blocks); Megatron-LM's "8x for the blocks" formula, which re-runs w2 too, would
-count 2 * n_layers * dim * ffn more. `selective` keeps the matmul and attention outputs and
-recomputes only elementwise ops, so it adds no matmul FLOPs. Elementwise FLOPs (norms, RoPE,
-SiLU, softmax) are excluded from both counts.
+The FLOPs MFU counts (model FLOPs per token, and the hardware FLOPs of HFU, with
+activation checkpointing's recompute) and their convention are in megalite/shapes.py.
 
 MFU = achieved model FLOP/s per device / peak dense bf16 FLOP/s of that device;
 HFU = achieved hardware FLOP/s per device / the same peak. Without recompute they are equal.
@@ -54,43 +32,8 @@ from typing import Any
 
 import torch
 
-from megalite.config import ModelConfig
 from megalite.devices import lookup_peak_tflops
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: all projections plus the output head."""
-    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # wq, wo, wk, wv
-    mlp = 3 * cfg.dim * cfg.hidden_dim
-    return cfg.n_layers * (attn + mlp) + cfg.dim * cfg.vocab_size
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) by the convention in the module docstring."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
-
-
-AC_MODES = ("none", "selective", "full")
-
-
-def hardware_flops_per_token(
-    cfg: ModelConfig, seq_len: int, activation_checkpointing: str = "none"
-) -> float:
-    """Training FLOPs per token actually executed, with the forward recompute of activation
-    checkpointing (`parallel.activation_checkpointing`); the numerator of HFU."""
-    if activation_checkpointing not in AC_MODES:
-        raise ValueError(
-            f"parallel.activation_checkpointing={activation_checkpointing!r} is not one of "
-            f"{', '.join(AC_MODES)}"
-        )
-    model = flops_per_token(cfg, seq_len)
-    if activation_checkpointing != "full":
-        return model
-    # Every block matmul but the down projection (see the module docstring), and attention.
-    recomputed = (
-        matmul_params(cfg) - cfg.dim * cfg.vocab_size - cfg.n_layers * cfg.dim * cfg.hidden_dim
-    )
-    return model + 2.0 * recomputed + 4.0 * cfg.n_layers * cfg.dim * seq_len
+from megalite.rundir import RunDir
 
 
 def measure_matmul_tflops(
@@ -362,7 +305,7 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.console = console and enabled
-        self.path = run_dir / "metrics.jsonl" if (jsonl and enabled) else None
+        self.path = RunDir(run_dir).metrics if (jsonl and enabled) else None
         self.run = None
         if enabled and wandb_cfg.mode != "disabled":
             import wandb

@@ -14,9 +14,9 @@ The arithmetic (README, "Benchmarks and planning"):
   With r tokens per parameter in general: N = sqrt(C / (6 r)), D = r N. An inference-heavy plan
   takes r > 20: a smaller model (cheaper per generated token) trained on more tokens for the same
   C (Llama 2 7B was trained at ~290 tokens per parameter, Llama 3 8B at ~1900).
-- wall time of a run: megalite's FLOPs per token (metrics.flops_per_token, the count its MFU
+- wall time of a run: megalite's FLOPs per token (shapes.flops_per_token, the count its MFU
   uses) x tokens / (GPUs x peak x MFU).
-- memory per rank: `estimate_memory`, described there; every training run logs it at start-up
+- memory per rank: `memory.estimate_memory`, described there; every training run logs it at start-up
   and the measured peak after its first logged step.
 
 Memory is in GB of 2^30 bytes, as the trainer's `mem_gb`.
@@ -32,15 +32,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from megalite.config import (
-    DEEPSPEED_STRATEGIES,
-    Config,
-    ConfigError,
-    ModelConfig,
-    resolve_degrees,
-)
+from megalite.backends import AC_MODES
+from megalite.config import Config, ModelConfig
 from megalite.devices import (
     DEVICES,
     PEAK_PRECISIONS,
@@ -48,9 +41,11 @@ from megalite.devices import (
     lookup_peak_tflops,
     resolve_precision,
 )
-from megalite.metrics import AC_MODES, flops_per_token, matmul_params
+from megalite.errors import ConfigError, MegaliteError, cli_error
+from megalite.memory import estimate_memory
+from megalite.parallel.dims import ParallelDims, check_world_size
+from megalite.shapes import checkpoint_bytes, flops_per_token, param_count
 
-GB = 2**30
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 INFERENCE_TOKENS_PER_PARAM = 200.0
 # Usable share of a device's memory: the CUDA context, NCCL buffers and allocator fragmentation
@@ -63,9 +58,9 @@ def compute_budget(n_gpus: int, peak_tflops: float, hours: float, mfu: float) ->
     """FLOPs that n_gpus deliver in `hours` at `mfu` of a dense peak of `peak_tflops` each."""
     for key, value in (("gpus", n_gpus), ("peak TFLOP/s", peak_tflops), ("hours", hours)):
         if not value > 0:
-            raise ValueError(f"{key}={value} must be > 0")
+            raise ConfigError(f"{key}={value} must be > 0")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu={mfu} must be in (0, 1]; 0.4 means 40 %")
+        raise ConfigError(f"mfu={mfu} must be in (0, 1]; 0.4 means 40 %")
     return n_gpus * peak_tflops * 1e12 * mfu * hours * 3600.0
 
 
@@ -79,7 +74,7 @@ def compute_optimal(
 ) -> tuple[float, float]:
     """(N parameters, D tokens) with C = 6 N D and D = tokens_per_param x N."""
     if not flops > 0 or not tokens_per_param > 0:
-        raise ValueError(f"flops={flops} and tokens_per_param={tokens_per_param} must be > 0")
+        raise ConfigError(f"flops={flops} and tokens_per_param={tokens_per_param} must be > 0")
     n = math.sqrt(flops / (6.0 * tokens_per_param))
     return n, tokens_per_param * n
 
@@ -90,24 +85,12 @@ def wall_time_hours(flops: float, n_gpus: int, peak_tflops: float, mfu: float) -
 
 
 # ------------------------------------------------------------------------------ models
-def block_params(cfg: ModelConfig) -> int:
-    """Parameters of one transformer block: attention, SwiGLU and two norm weights."""
-    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    return attn + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Parameters of the model `cfg` describes (tied embeddings counted once), from its shape."""
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
-    return cfg.vocab_size * cfg.dim + cfg.n_layers * block_params(cfg) + cfg.dim + head
-
-
 def load_presets(conf_dir: Path | None = None) -> dict[str, ModelConfig]:
     """Every model preset of conf/model, by name."""
     from omegaconf import OmegaConf
 
     if conf_dir is None:
-        from megalite.train import CONF_DIR
+        from megalite.compose import CONF_DIR
 
         conf_dir = Path(CONF_DIR)
     presets = {}
@@ -121,194 +104,13 @@ def load_presets(conf_dir: Path | None = None) -> dict[str, ModelConfig]:
 def closest_preset(n_params: float, presets: dict[str, ModelConfig]) -> tuple[str, int]:
     """The preset whose parameter count is nearest to n_params on a log scale, and its count."""
     if not presets:
-        raise ValueError("no model presets to choose from (conf/model/*.yaml)")
+        raise ConfigError("no model presets to choose from (conf/model/*.yaml)")
     counts = {name: param_count(cfg) for name, cfg in presets.items()}
     name = min(counts, key=lambda k: abs(math.log(counts[k] / n_params)))
     return name, counts[name]
 
 
 # ------------------------------------------------------------------------------ memory
-# Bytes that autograd keeps per token between forward and backward, measured on megalite's model
-# (reference RMSNorm, which saves fp32 copies; SDPA, which saves q, k, v, the output and a
-# log-sum-exp per head) and checked against saved_tensors_hooks in tests/test_plan.py.
-# Modes: fp32 training; "autocast" (bf16 autocast over fp32 weights: single, ddp, tp); "bf16"
-# (bf16 parameters: FSDP2's MixedPrecisionPolicy, DeepSpeed). Coefficients of (C, K, F, H) =
-# (dim, kv_heads * head_dim, ffn hidden, n_heads), plus a constant.
-_LAYER = {"fp32": (32, 8, 16, 4, 8), "autocast": (30, 4, 8, 4, 8), "bf16": (24, 4, 8, 4, 8)}
-# Selective checkpointing keeps the block input, every matmul output and the attention outputs.
-_LAYER_SELECTIVE = {
-    "fp32": (20, 8, 8, 4, 0),
-    "autocast": (12, 4, 4, 4, 0),
-    "bf16": (10, 4, 4, 4, 0),
-}
-# Full checkpointing keeps only the block input (the residual stream: bf16 only under bf16
-# parameters).
-_RESIDUAL = {"fp32": 4, "autocast": 4, "bf16": 2}
-# Final norm, the output layer's input, fp32 logits for the loss, and the tokens and targets
-# (int64): coefficients of (C, V) and a constant.
-_HEAD = {"fp32": (12, 4, 20), "autocast": (10, 4, 20), "bf16": (10, 4, 20)}
-# The logits' gradient, live with every activation at the start of backward (fp32, plus its bf16
-# cast for the output matmul).
-_LOGITS_GRAD = {"fp32": 4, "autocast": 6, "bf16": 6}
-
-
-def precision_mode(cfg: Config) -> str:
-    """fp32, autocast (bf16 compute over fp32 weights) or bf16 (bf16 parameters). An unresolved
-    `auto` counts as bf16, as it resolves on a GPU (preflight resolves it for the device)."""
-    if cfg.train.precision == "fp32":
-        return "fp32"
-    sharded = cfg.parallel.strategy in ("fsdp", "hsdp", "fsdp_tp", *DEEPSPEED_STRATEGIES)
-    return "bf16" if sharded else "autocast"
-
-
-def activation_bytes(
-    cfg: ModelConfig,
-    tokens: int,
-    mode: str,
-    activation_checkpointing: str = "none",
-    fused_loss: bool = False,
-    logits_grad: bool = True,
-) -> float:
-    """Peak activation bytes of one micro-batch of `tokens` tokens on one device (no tensor
-    parallelism), at the start of backward: what autograd saved, plus (logits_grad) the logits'
-    gradient. With checkpointing, one block's activations are rebuilt at a time in backward, so
-    one full block counts on top of what is kept."""
-    if activation_checkpointing not in AC_MODES:
-        raise ValueError(
-            f"parallel.activation_checkpointing={activation_checkpointing!r} is not one of "
-            f"{', '.join(AC_MODES)}"
-        )
-    c, k = cfg.dim, cfg.kv_heads * cfg.head_dim
-    f, h, v = cfg.hidden_dim, cfg.n_heads, cfg.vocab_size
-
-    def per_layer(coef: tuple[int, int, int, int, int]) -> float:
-        return coef[0] * c + coef[1] * k + coef[2] * f + coef[3] * h + coef[4]
-
-    full_layer = per_layer(_LAYER[mode])
-    if activation_checkpointing == "none":
-        layers = cfg.n_layers * full_layer
-    elif activation_checkpointing == "selective":
-        layers = cfg.n_layers * per_layer(_LAYER_SELECTIVE[mode]) + full_layer
-    else:
-        layers = cfg.n_layers * _RESIDUAL[mode] * c + full_layer
-    head_c, head_v, head_const = _HEAD[mode]
-    # The fused linear + cross-entropy loss never materializes the logits.
-    logits = 0 if fused_loss else (head_v + (_LOGITS_GRAD[mode] if logits_grad else 0)) * v
-    return tokens * (layers + head_c * c + head_const + logits)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Per-rank memory of a training configuration, GB (2^30 bytes)."""
-
-    params_gb: float
-    grads_gb: float
-    optimizer_gb: float
-    # Autocast's bf16 weight copies, DDP's gradient buckets, FSDP's unsharded blocks.
-    buffers_gb: float
-    activations_gb: dict[str, float]  # per activation_checkpointing mode
-    activation_checkpointing: str  # the configured mode
-    layout: str
-
-    def total_gb(self, activation_checkpointing: str | None = None) -> float:
-        ac = activation_checkpointing or self.activation_checkpointing
-        states = self.params_gb + self.grads_gb + self.optimizer_gb
-        return states + self.buffers_gb + self.activations_gb[ac]
-
-    def summary(self) -> str:
-        ac = self.activation_checkpointing
-        return (
-            f"memory plan per rank ({self.layout}): params {_size(self.params_gb)} + grads "
-            f"{_size(self.grads_gb)} + optimizer {_size(self.optimizer_gb)} + buffers "
-            f"{_size(self.buffers_gb)} + activations {_size(self.activations_gb[ac])} "
-            f"(checkpointing {ac}) = {_size(self.total_gb())}"
-        )
-
-    def compare(self, measured_gb: float, device: torch.device) -> str:
-        """The measured peak next to the plan, saying what the measurement holds."""
-        what = (
-            "torch.cuda.max_memory_allocated; the CUDA context and the allocator's cache come "
-            "on top"
-            if device.type == "cuda"
-            else "on a CPU the measured peak is the whole process's RSS, including the Python "
-            "and torch runtime and the data loader"
-        )
-        planned = self.total_gb()
-        return (
-            f"memory: measured peak {_size(measured_gb)} per rank vs planned {_size(planned)} "
-            f"(x{measured_gb / planned:.3g}; {what})"
-        )
-
-
-def _size(gb: float) -> str:
-    mb = gb * 1024
-    return f"{mb:.3g} MB" if mb < 999.5 else f"{gb:.3g} GB"
-
-
-def estimate_memory(cfg: Config, world_size: int) -> MemoryEstimate:
-    """Per-rank memory of training `cfg` on `world_size` ranks.
-
-    States (fp32 master weights, fp32 gradients and two fp32 AdamW moments: 4 + 4 + 8 bytes per
-    parameter), divided by what shards them: tp for every layout; dp_shard for FSDP2 layouts;
-    for DeepSpeed ZeRO-1/2/3 the data-parallel size for the optimizer / + gradients / +
-    parameters (under bf16 DeepSpeed keeps bf16 parameters and gradients in the model, and fp32
-    master weights and gradient partitions with the optimizer). Buffers: autocast keeps bf16
-    copies of the matmul weights from forward to backward; DDP copies gradients into its
-    buckets; FSDP2 holds the root module and two blocks unsharded (compute dtype) and one
-    block's unsharded fp32 gradients. Activations: `activation_bytes` for micro_batch_size x
-    seq_len tokens, divided by tp (sequence parallelism shards the rest); the logits count
-    unless train.loss is fused_linear (resolve `auto` backends first). Not counted:
-    communication buckets of DeepSpeed and NCCL, torch.compile's changes to what is saved, and
-    the Triton norm (which saves less than the reference norm: the plan is then an upper bound).
-    """
-    m = cfg.model
-    dp_replicate, dp_shard, tp = resolve_degrees(cfg.parallel, world_size)
-    strategy = cfg.parallel.strategy
-    mode = precision_mode(cfg)
-    p = float(param_count(m))
-    block = float(block_params(m))
-    root = p - m.n_layers * block  # embedding, final norm, output layer
-    pbytes = 4 if mode == "fp32" else 2
-
-    buffers = 0.0
-    if strategy in DEEPSPEED_STRATEGIES:
-        dp = dp_replicate * dp_shard
-        stage = int(strategy.removeprefix("zero"))
-        model_bytes = 4 if mode == "fp32" else 2
-        params = model_bytes * p / (dp if stage >= 3 else 1)
-        grads = model_bytes * p / (dp if stage >= 2 else 1)
-        optimizer = 8 * p / dp
-        if mode != "fp32":
-            grads += 4 * p / dp  # fp32 gradient partition
-            optimizer += 4 * p / dp  # fp32 master weights
-    else:
-        shard = tp * (dp_shard if strategy in ("fsdp", "hsdp", "fsdp_tp") else 1)
-        params, grads, optimizer = 4 * p / shard, 4 * p / shard, 8 * p / shard
-        if strategy in ("fsdp", "hsdp", "fsdp_tp"):
-            buffers = ((root + 2 * block) * pbytes + 4 * block) / tp
-        else:
-            if mode == "autocast":
-                buffers += 2 * matmul_params(m) / tp
-            if strategy == "ddp" and dp_replicate > 1:
-                buffers += 4 * p / tp
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    fused = cfg.train.loss == "fused_linear"
-    acts = {ac: activation_bytes(m, tokens, mode, ac, fused) / tp / GB for ac in AC_MODES}
-    layout = (
-        f"{strategy} dp_replicate {dp_replicate} x dp_shard {dp_shard} x tp {tp}, {mode}, "
-        f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}, loss {cfg.train.loss}"
-    )
-    return MemoryEstimate(
-        params_gb=params / GB,
-        grads_gb=grads / GB,
-        optimizer_gb=optimizer / GB,
-        buffers_gb=buffers / GB,
-        activations_gb=acts,
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
-        layout=layout,
-    )
-
-
 def device_memory_gb(name: str) -> float | None:
     """Memory of a device by name: a size written in the name ("A100-SXM4-40GB") if it is a
     plausible single-GPU size, else the table's (megalite/devices.py), else None."""
@@ -334,21 +136,18 @@ GRACE_MFU = 0.3
 
 def checkpoint_save_seconds(n_params: int, nodes: int, write_gb_s_per_node: float) -> float:
     """Seconds to write one checkpoint of a model of n_params (fp32 weights and AdamW's two
-    moments: preflight.checkpoint_bytes) when each of `nodes` writes its share at
+    moments: shapes.checkpoint_bytes) when each of `nodes` writes its share at
     write_gb_s_per_node (10^9 bytes/s): every rank writes its own shard, all at once."""
-    from megalite.preflight import checkpoint_bytes
-
     if not write_gb_s_per_node > 0:
-        raise ValueError(f"write bandwidth {write_gb_s_per_node} GB/s per node must be > 0")
+        raise ConfigError(f"write bandwidth {write_gb_s_per_node} GB/s per node must be > 0")
     return checkpoint_bytes(n_params) / (nodes * write_gb_s_per_node * 1e9)
 
 
 def step_seconds(cfg: Config, world_size: int, peak_tflops: float, mfu: float) -> float:
     """Seconds of one optimizer step (global batch x seq_len tokens) at `mfu` of `peak_tflops`
-    per device, by megalite's FLOPs count (metrics.flops_per_token)."""
-    from megalite.config import check_world_size
-
-    tokens = check_world_size(cfg, world_size) * cfg.data.seq_len
+    per device, by megalite's FLOPs count (shapes.flops_per_token)."""
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    tokens = check_world_size(cfg, dims) * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
     return 3600.0 * wall_time_hours(flops, world_size, peak_tflops, mfu)
 
@@ -389,8 +188,6 @@ def preemption_grace(
     """Seconds between SLURM's warning and the time limit that let a run of `cfg` on
     `nodes` x (world_size / nodes) ranks finish its step and write its checkpoint: the step
     (when peak_tflops is known) + the checkpoint write + a margin, at least floor_s."""
-    from megalite.preflight import checkpoint_bytes
-
     n_params = param_count(cfg.model)
     save = checkpoint_save_seconds(n_params, nodes, write_gb_s_per_node)
     step = None if peak_tflops is None else step_seconds(cfg, world_size, peak_tflops, mfu)
@@ -445,8 +242,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(msg: str) -> int:
-    print(f"megalite-plan: error: {msg}", file=sys.stderr)
-    return 2
+    return cli_error("megalite-plan", MegaliteError(msg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             ("inference-heavy", args.inference_tokens_per_param),
         ]
         optimal = [(label, r, *compute_optimal(budget, r)) for label, r in plans]
-    except ValueError as e:
+    except MegaliteError as e:
         return _fail(str(e))
     presets = load_presets()
 
@@ -494,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     model = presets[model_name]
     seq_len = args.seq_len or min(8192, model.max_seq_len)
     try:
+        from megalite.compose import compose_config
         from megalite.model.transformer import resolve_backends
-        from megalite.train import compose_config
 
         cfg = compose_config(
             [
@@ -511,11 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         precision, _ = resolve_precision(cfg.train.precision, "cuda")
         train = dataclasses.replace(cfg.train, loss=loss, precision=precision)
         cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
-        est = estimate_memory(cfg, args.gpus)
-    except (ConfigError, ValueError) as e:
+        est = estimate_memory(cfg, ParallelDims.from_config(cfg.parallel, args.gpus))
+    except MegaliteError as e:
         return _fail(str(e).splitlines()[0])
-    except Exception as e:  # Hydra's own errors for unknown presets and bad overrides
-        return _fail(f"{type(e).__name__}: {str(e).splitlines()[0]}")
     mem = args.gpu_mem_gb or device_memory_gb(args.gpu)
     print(f"\nmemory per rank: {model_name} ({_si(param_count(cfg.model))} params), {est.layout}")
     print(f"{'GB':<14}" + "".join(f"{'AC ' + ac:>15}" for ac in AC_MODES))

@@ -4,10 +4,11 @@ costs one resubmission, not five.
 
 Checks: parallel degrees against the world size and the batch arithmetic; the dataset (present,
 readable, tokenizer matching the model); the kernels and backends the config asks for (and
-`auto` backends and precision made concrete for the device); the
-checkpoint to resume or start from (present, same model shape, same engine); the run dir
-(writable, with room for at least one checkpoint); wandb (offline, or online with a key and a
-reachable server). The config itself was fully validated when it was built.
+`auto` backends and precision made concrete for the device), by building the model on the meta
+device, which the trainer then parallelizes; the checkpoint to resume or start from (present,
+same model shape, same engine); the run dir (writable, with room for at least one checkpoint);
+wandb (offline, or online with a key and a reachable server). The config itself was fully
+validated when it was built.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from urllib.parse import urlparse
 import torch
 
 from megalite import checkpoint
-from megalite.config import Config, ConfigError, check_world_size
+from megalite.config import Config, ConfigError
 from megalite.data.loader import check_dataset
-from megalite.data.prepare import DataError
 from megalite.devices import resolve_precision
-from megalite.model.layers import BackendUnavailableError
-from megalite.parallel.dims import ParallelDims
-
-USER_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, BackendUnavailableError)
+from megalite.errors import MegaliteError
+from megalite.model.transformer import Transformer, count_params, resolve_backends
+from megalite.parallel.dims import ParallelDims, check_world_size
+from megalite.rundir import RunDir, rank_file
+from megalite.shapes import checkpoint_bytes
 
 
 class PreflightError(ConfigError):
@@ -51,9 +52,11 @@ class Plan:
     """What preflight established, for the trainer to use."""
 
     cfg: Config  # with concrete backends and precision (bf16 or fp32)
-    world_size: int
     global_batch: int
     dims: ParallelDims
+    # The model, built on the meta device with cfg's backends: the trainer parallelizes and
+    # materializes it (DeepSpeed builds its own, partitioned as it is built).
+    model: Transformer
     manifest: dict
     resume_from: Path | None
     n_params: int
@@ -66,10 +69,11 @@ def resolve_resume(cfg: Config) -> Path | None:
     """The checkpoint to start from per `train.resume`, or None for a fresh run. Refuses to start
     a fresh run in a run dir that already holds one, so nothing written before is overwritten."""
     run_dir = Path(cfg.train.run_dir)
+    run = RunDir(run_dir)
     resume = cfg.train.resume
     if resume == "none":
-        existing = checkpoint.newest_complete(run_dir)
-        if existing is not None or (run_dir / "metrics.jsonl").exists():
+        existing = run.newest_checkpoint()
+        if existing is not None or run.metrics.exists():
             what = f"checkpoint {existing.name}" if existing else "metrics.jsonl"
             raise ConfigError(
                 f"train.run_dir={str(run_dir)!r} already holds a run ({what}); pass "
@@ -77,18 +81,13 @@ def resolve_resume(cfg: Config) -> Path | None:
             )
         return None
     if resume == "auto":
-        return checkpoint.newest_complete(run_dir)
+        return run.newest_checkpoint()
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(
             f"train.resume={resume!r} is not a directory; give a step_N checkpoint dir, or auto"
         )
     return path
-
-
-def checkpoint_bytes(n_params: int) -> int:
-    """One checkpoint: fp32 weights plus AdamW's two fp32 moments, and 5 % for metadata."""
-    return int(n_params * 12 * 1.05)
 
 
 def check_run_dir(run_dir: Path, n_params: int) -> None:
@@ -140,8 +139,6 @@ def check_wandb(mode: str) -> None:
 
 def preflight(cfg: Config, world_size: int) -> Plan:
     """Runs every check; raises PreflightError listing all problems, or returns the Plan."""
-    from megalite.model.transformer import Transformer, count_params, resolve_backends
-
     problems: list[str] = []
     device_type = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     tp = 1
@@ -149,14 +146,16 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     def attempt(fn, *args):
         try:
             return fn(*args)
-        except USER_ERRORS as e:
+        except MegaliteError as e:
             problems.append(str(e))
             return None
 
-    global_batch = attempt(check_world_size, cfg, world_size)
-    # Same degree arithmetic as check_world_size: only worth doing once it passed.
-    dims = None if global_batch is None else ParallelDims.from_config(cfg.parallel, world_size)
-    if dims is not None:
+    # The degrees, resolved once here and handed down (the trainer and the memory plan take dims).
+    dims = attempt(ParallelDims.from_config, cfg.parallel, world_size)
+    global_batch = None if dims is None else attempt(check_world_size, cfg, dims)
+    if global_batch is None:
+        dims = None  # a layout that fails its checks selects no backend or engine below
+    else:
         tp = dims.tp
     # `auto` backends and precision become concrete ones for this device and layout, once, here.
     model_cfg, loss = resolve_backends(cfg.model, cfg.train.loss, device_type, tp)
@@ -169,17 +168,18 @@ def preflight(cfg: Config, world_size: int) -> Plan:
         )
     manifest = attempt(check_dataset, cfg.data, cfg.model)
 
-    def build_meta() -> int:
-        # Builds nothing but selects every backend, so a missing kernel or flash-attn shows.
+    def build_meta() -> Transformer:
+        # Allocates nothing but selects every backend, so a missing kernel or flash-attn shows.
         with torch.device("meta"):
-            return count_params(Transformer(cfg.model, loss=cfg.train.loss))
+            return Transformer(cfg.model, loss=cfg.train.loss)
 
-    n_params = attempt(build_meta)
+    model = attempt(build_meta)
+    n_params = None if model is None else count_params(model)
     resume_from = attempt(resolve_resume, cfg)
     engine = "deepspeed" if dims is not None and dims.uses_deepspeed else "dcp"
     if resume_from is not None:
         attempt(checkpoint.check_compatible, resume_from, cfg.model, engine)
-        if not (resume_from / "rank_00000.pt").is_file():
+        if not rank_file(resume_from, 0).is_file():
             problems.append(
                 f"train.resume={str(resume_from)!r} holds model weights only (no optimizer or "
                 f"trainer state); start from it with train.init_from={resume_from} instead"
@@ -200,9 +200,9 @@ def preflight(cfg: Config, world_size: int) -> Plan:
         raise PreflightError(problems)
     return Plan(
         cfg,
-        world_size,
         global_batch,
         dims,
+        model,
         manifest,
         resume_from,
         n_params,

@@ -28,8 +28,6 @@ from pathlib import Path
 
 from megalite.config import GuardConfig
 
-PREEMPTED = "PREEMPTED"
-
 
 # ---------------------------------------------------------------------------------- failpoints
 class Faults:
@@ -133,27 +131,24 @@ class LossGuard:
 
     def check(self, loss: float, grad_norm: float) -> Verdict:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.bad_in_a_row += 1
-            self.skipped += 1
-            reason = f"non-finite loss {loss} / grad norm {grad_norm}"
-            if self.cfg.max_bad_steps and self.bad_in_a_row >= self.cfg.max_bad_steps:
-                return Verdict(apply=False, rollback=True, reason=reason)
-            return Verdict(apply=False, reason=reason)
+            return self._skip(f"non-finite loss {loss} / grad norm {grad_norm}")
         spike = self._is_spike(loss)
         self.recent.append(loss)
         if spike:
             self.spikes += 1
             if self.cfg.spike_action == "skip":
-                self.skipped += 1
-                self.bad_in_a_row += 1
-                reason = f"loss spike {loss:.4f}"
-                if self.cfg.max_bad_steps and self.bad_in_a_row >= self.cfg.max_bad_steps:
-                    return Verdict(apply=False, rollback=True, reason=reason)
-                return Verdict(apply=False, reason=reason)
+                return self._skip(f"loss spike {loss:.4f}")
             self.bad_in_a_row = 0
             return Verdict(apply=True, reason=f"loss spike {loss:.4f} (logged)")
         self.bad_in_a_row = 0
         return Verdict(apply=True)
+
+    def _skip(self, reason: str) -> Verdict:
+        """A bad step: skip its update; after max_bad_steps in a row, roll back."""
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        rollback = bool(self.cfg.max_bad_steps) and self.bad_in_a_row >= self.cfg.max_bad_steps
+        return Verdict(apply=False, rollback=rollback, reason=reason)
 
     def _is_spike(self, loss: float) -> bool:
         if self.cfg.spike_z <= 0 or len(self.recent) < self.recent.maxlen:

@@ -8,38 +8,14 @@ megalite-train --cfg job                         # print the resolved config and
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from megalite.config import Config, ConfigError, register_configs
-
-CONF_DIR = list(importlib.util.find_spec("megalite.conf").submodule_search_locations)[0]
-
-register_configs()
-
-
-def to_config(raw: DictConfig) -> Config:
-    """The one conversion from Hydra's DictConfig to typed dataclasses (runs every __post_init__
-    check). Nothing below this point sees a DictConfig."""
-    try:
-        return OmegaConf.to_object(raw)
-    except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from e
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The typed Config that `megalite-train <overrides>` would build (for notebooks, tests and
-    drivers that run several configs in one process)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        raw = compose("config", overrides=overrides)
-    return to_config(raw)
+from megalite.compose import CONF_DIR, to_config
+from megalite.errors import MegaliteError
 
 
 def fail(msg: str) -> None:
@@ -51,22 +27,16 @@ def fail(msg: str) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def run(raw: DictConfig) -> None:
-    from megalite.checkpoint import CheckpointError
-    from megalite.data.prepare import DataError
-    from megalite.model.layers import BackendUnavailableError
-
     try:
         cfg = to_config(raw)
         from megalite.trainer import Trainer
 
         trainer = Trainer(cfg)
-    except (ConfigError, DataError, CheckpointError, BackendUnavailableError) as e:
+    except MegaliteError as e:
         fail(str(e))
-    from megalite.trainer import TrainingError
-
     try:
         trainer.fit()
-    except TrainingError as e:
+    except MegaliteError as e:
         fail(str(e))
 
 

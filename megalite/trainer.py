@@ -15,22 +15,21 @@ import signal
 import sys
 import time
 import zlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 
 from megalite import checkpoint
 from megalite.config import Config
 from megalite.data.common import DataError
 from megalite.data.loader import TrainStream, ValSet, verify_shard_hashes
+from megalite.engine import build_engine
+from megalite.errors import MegaliteError, TrainingError
+from megalite.memory import estimate_memory
 from megalite.metrics import (
     MetricsLogger,
-    flops_per_token,
     mfu_warning,
     peak_memory_gb,
     plot_losses,
@@ -38,8 +37,7 @@ from megalite.metrics import (
     redact,
     resolve_peak,
 )
-from megalite.model.transformer import Transformer
-from megalite.optim import build_optimizer, lr_at
+from megalite.optim import lr_at
 from megalite.parallel.distributed import (
     abort,
     barrier,
@@ -47,21 +45,16 @@ from megalite.parallel.distributed import (
     shutdown,
     world_size_from_env,
 )
-from megalite.parallel.parallelize import gradient_sync, parallelize, unwrap
-from megalite.plan import estimate_memory
-from megalite.preflight import USER_ERRORS, Plan, preflight
+from megalite.preflight import Plan, preflight
 from megalite.resilience import (
-    PREEMPTED,
     Faults,
     LossGuard,
     StopSignals,
     Verdict,
     Watchdog,
 )
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue; the message says why and what to change."""
+from megalite.rundir import RunDir
+from megalite.shapes import flops_per_token
 
 
 @dataclass
@@ -78,11 +71,6 @@ class StepResult:
 def debug_flags() -> set[str]:
     """MEGALITE_DEBUG=fingerprint,...: checks tests switch on; production steps skip them."""
     return set(filter(None, os.environ.get("MEGALITE_DEBUG", "").split(",")))
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a possibly distributed one (a DTensor loss or grad norm)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class Trainer:
@@ -114,6 +102,7 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type)
         torch.manual_seed(tcfg.seed + self.dist.rank)
         self.run_dir = Path(tcfg.run_dir)
+        self.run = RunDir(self.run_dir)  # where each file of a run lives (rundir.py)
         self._verify_shard_hashes()
         # Test machinery, parsed once; a production run has none and skips every hook.
         self.faults = Faults.from_env(self.dist.rank, self.run_dir)
@@ -122,40 +111,16 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
 
-        # ---- model: built on meta, parallelized from outside, then materialized (ZeRO-3:
+        # ---- model + optimizer: the engine for parallel.strategy (engine.py) builds the model
+        # on the meta device, parallelizes it from outside, then materializes it (ZeRO-3:
         # partitioned as it is built, so no rank ever holds the whole model)
         self.n_params = plan.n_params
         init_from = None
         if tcfg.init_from is not None and self.resume_from is None:
             init_from = Path(tcfg.init_from)
-        self.engine = None
-        if self.dims.uses_deepspeed:
-            from megalite.parallel import deepspeed as ds
-
-            self.engine, self.optimizer = ds.build(
-                cfg, self.dims, self.global_batch, self.device, init_from
-            )
-            self.model = self.engine
-        else:
-            with torch.device("meta"):
-                model = Transformer(cfg.model, loss=tcfg.loss)
-            self.model = parallelize(model, cfg, self.dims, self.mesh, self.device)
-            if init_from is not None:
-                checkpoint.load_model_weights(init_from, self.model, cfg.model)
-            self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
-        # FSDP2 and DeepSpeed cast parameters to bf16 themselves; DDP, TP and a single device
-        # use autocast. Either way the master weights and optimizer state stay fp32.
-        use_autocast = tcfg.precision == "bf16" and not (
-            self.dims.uses_fsdp or self.dims.uses_deepspeed
+        self.engine = build_engine(
+            cfg, self.dims, self.mesh, self.device, self.global_batch, init_from, plan.model
         )
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if use_autocast
-            else nullcontext()
-        )
-        # Under tensor parallelism the logits are vocab-sharded: the loss and its backward run
-        # inside loss_parallel.
-        self.loss_context = loss_parallel if self.dims.tp > 1 else nullcontext
 
         # ---- data: the ranks of one tensor-parallel group read the same samples
         dp_rank = self.dims.dp_rank(self.dist.rank)
@@ -177,9 +142,7 @@ class Trainer:
         self._saved_step: int | None = None  # the step of the newest checkpoint this job wrote
         self._mfu_warned = False
         if self.resume_from is not None:
-            state = checkpoint.load(
-                self.resume_from, self.model, self.optimizer, cfg.model, self.dist, self.engine
-            )
+            state = checkpoint.load(self.resume_from, self.engine, cfg.model, self.dist)
             self.step, self.tokens = state["step"], state["tokens"]
             self.stream.load_state_dict(state["data"])
 
@@ -189,7 +152,7 @@ class Trainer:
         self.peak = resolve_peak(self.device, dtype, cfg.logging.peak_tflops)
         if self.dist.is_main and self.resume_from is not None:
             self._truncate_metrics(self.step)
-            (self.run_dir / PREEMPTED).unlink(missing_ok=True)
+            self.run.preempted.unlink(missing_ok=True)
         self.logger = MetricsLogger(
             self.run_dir,
             enabled=self.dist.is_main,
@@ -205,7 +168,7 @@ class Trainer:
             f"{tcfg.precision} | global batch {self.global_batch} x {cfg.data.seq_len} tokens | "
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token | MFU {self.peak.label}"
         )
-        self.memory_plan = estimate_memory(cfg, self.dist.world_size)
+        self.memory_plan = estimate_memory(cfg, self.dims)
         self.logger.info(self.memory_plan.summary())
         self._memory_compared = False  # the measured peak is logged next to it once
         if self.resume_from is not None:
@@ -236,34 +199,29 @@ class Trainer:
     def _save_config(self) -> None:
         """The resolved config, in the run dir; a resumed run with other settings keeps both."""
         text = OmegaConf.to_yaml(OmegaConf.create(self._config_dict()))
-        path = self.run_dir / "config.yaml"
+        path = self.run.config
         if path.exists() and path.read_text() != text:
-            path = self.run_dir / f"config.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+            path = self.run.resumed_config(time.strftime("%Y%m%d-%H%M%S"))
         path.write_text(text)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drops records past the resumed step: those steps are about to be run again."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run.metrics
         kept = [r for r in read_metrics(path) if r["step"] <= step]
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
 
     def _micro_batches(self):
-        """(inputs, targets, gradient-sync context) per micro-batch: gradients are reduced once
-        per optimizer step, on the last micro-batch (parallelize.gradient_sync)."""
-        accum = self.cfg.train.grad_accum_steps
+        """One optimizer step's micro-batches, on the device."""
         on_gpu = self.device.type == "cuda"
-        for i in range(accum):
+        for _ in range(self.cfg.train.grad_accum_steps):
             x, y = next(self.stream)
             if self.fingerprint:  # the tokens this step consumed (resume tests compare them)
                 self._data_crc = zlib.crc32(x.numpy().tobytes(), self._data_crc)
             if on_gpu:  # a page-locked copy makes the host-to-device copy truly asynchronous
                 x, y = x.pin_memory(), y.pin_memory()
-            sync = gradient_sync(
-                self.model, i == accum - 1, self.dims, self.cfg.parallel.defer_grad_sync
-            )
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), sync
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_step(self) -> StepResult:
         """One optimizer step over grad_accum_steps micro-batches. The update is applied only
@@ -273,51 +231,27 @@ class Trainer:
         all-reduced together on the device, and read back with the grad norm in one copy."""
         tcfg = self.cfg.train
         lr = lr_at(self.step, self.cfg.optim, tcfg.max_steps)
-        for group in self.optimizer.param_groups:
+        for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        self.engine.model.train()
         self._data_crc = 0
         self.attempts += 1
         poison = self.faults.loss_factor(self.attempts) if self.faults.poisons_loss else None
-        if self.engine is not None:
-            from megalite.parallel import deepspeed as ds
-
-            # DeepSpeed applies its update inside engine.step(): the guard can count and roll
-            # back, not skip.
-            loss_sum, norm = ds.train_step(
-                self.engine, self._micro_batches(), tcfg.grad_accum_steps, poison or 1.0
-            )
-            grad_norm = torch.tensor(norm, device=self.device)
-        else:
-            loss_sum = torch.zeros((), device=self.device)
-            for x, y, sync in self._micro_batches():
-                with sync, self.loss_context():
-                    with self.autocast:
-                        loss = self.model(x, y)
-                        if poison is not None:
-                            loss = loss * poison
-                    (loss / tcfg.grad_accum_steps).backward()
-                loss_sum += full(loss.detach()).float()
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-            # Already global on every rank (DDP's gradients are reduced; FSDP / TP norms are
-            # reduced over the shards): not summed again below.
-            grad_norm = full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        loss_sum, grad_norm = self.engine.forward_backward(self._micro_batches(), poison)
         # Every rank of a tensor-parallel group holds the same loss: average over all ranks.
+        # The grad norm is already global on every rank: not reduced again.
         summed = [loss_sum / tcfg.grad_accum_steps, self.dist.tensor(self._stop_flag())]
         if self.fingerprint:
             summed.append(self.dist.tensor(self._data_crc, torch.float64))
         reduced = self.dist.all_reduce(torch.stack([t.double() for t in summed]), "sum")
         host = torch.cat([reduced, grad_norm.detach().double().view(1)]).tolist()  # the sync
-        loss, stop, grad_norm_ = host[0] / self.dist.world_size, host[1] > 0, host[-1]
-        verdict = self.guard.check(loss, grad_norm_)
-        if self.engine is None:
-            if verdict.apply:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        loss, stop, norm = host[0] / self.dist.world_size, host[1] > 0, host[-1]
+        verdict = self.guard.check(loss, norm)
+        self.engine.optimizer_step(verdict.apply)
         self.step += 1
         self.tokens += self.global_batch * self.cfg.data.seq_len
         crc = int(host[2]) if self.fingerprint else None
-        return StepResult(loss, grad_norm_, verdict, stop, crc)
+        return StepResult(loss, norm, verdict, stop, crc)
 
     def _stop_flag(self) -> float:
         return float(self.signals.received is not None)
@@ -325,12 +259,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the first eval_batches batches (the same ones each time)."""
-        self.model.eval()
+        self.engine.model.eval()
         total = torch.zeros((), device=self.device)
         n = 0
         for x, y in self.val.batches(self.cfg.train.micro_batch_size, self.cfg.train.eval_batches):
-            with self.loss_context(), self.autocast:
-                total += full(self.model(x.to(self.device), y.to(self.device))).float()
+            total += self.engine.eval_loss(x.to(self.device), y.to(self.device))
             n += 1
         if n == 0:
             return float("nan")
@@ -342,13 +275,11 @@ class Trainer:
         return checkpoint.save(
             self.run_dir,
             self.step,
-            self.model,
-            self.optimizer,
+            self.engine,
             state,
             self.cfg.model,
             self.dist,
             self.cfg.train.keep_last,
-            self.engine,
         )
 
     # --------------------------------------------------------------------------------- loop
@@ -420,7 +351,7 @@ class Trainer:
         rec = {
             "step": self.step,
             "loss": result.loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
             "grad_norm": result.grad_norm,
             "tokens": self.tokens,
             "tokens_per_s": tok_s,
@@ -444,7 +375,7 @@ class Trainer:
     def _rollback(self, reason: str) -> None:
         """Restores model and optimizer from the newest checkpoint and goes on from the data
         position reached, so the batches that produced the bad steps are not seen again."""
-        path = checkpoint.newest_complete(self.run_dir)
+        path = self.run.newest_checkpoint()
         if path is None:
             raise TrainingError(
                 f"step {self.step}: {self.cfg.train.guard.max_bad_steps} bad steps in a row "
@@ -452,9 +383,7 @@ class Trainer:
                 "optim.lr, set train.ckpt_every, or train.guard.max_bad_steps=0 to only skip"
             )
         data_state = self.stream.state_dict()
-        state = checkpoint.load(
-            path, self.model, self.optimizer, self.cfg.model, self.dist, self.engine
-        )
+        state = checkpoint.load(path, self.engine, self.cfg.model, self.dist)
         self.stream.load_state_dict(data_state)
         skipped_batches = self.step - state["step"]
         self.step, self.tokens = state["step"], state["tokens"]
@@ -473,11 +402,11 @@ class Trainer:
         """SIGUSR1 / SIGTERM: checkpoint now, leave a marker for the launcher, exit cleanly.
         A periodic checkpoint written at this very step is not written again."""
         fresh = save and self._saved_step != self.step
-        path = self.save_checkpoint() if fresh else checkpoint.newest_complete(self.run_dir)
+        path = self.save_checkpoint() if fresh else self.run.newest_checkpoint()
         name = signal.Signals(signum).name if signum else "signal"
         if self.dist.is_main:
             marker = {"step": self.step, "signal": name, "checkpoint": str(path)}
-            (self.run_dir / PREEMPTED).write_text(json.dumps(marker) + "\n")
+            self.run.preempted.write_text(json.dumps(marker) + "\n")
         what = "checkpointed" if fresh else "newest checkpoint"
         self.logger.info(f"{name}: {what} {path} at step {self.step}; exiting for requeue")
         return {"step": self.step, "tokens": self.tokens, "preempted": True}
@@ -491,17 +420,17 @@ class Trainer:
             "n_params": self.n_params,
         }
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.run.summary.write_text(json.dumps(summary, indent=2) + "\n")
             if self.cfg.train.plot and self.cfg.logging.jsonl:
                 plot_losses(
-                    self.run_dir / "metrics.jsonl",
-                    self.run_dir / "loss.png",
+                    self.run.metrics,
+                    self.run.loss_plot,
                     baseline=summary["unigram_val_loss"],
                 )
             if val_loss is not None and summary["unigram_val_loss"] is not None:
                 self.logger.info(
                     f"done: step {self.step}, val_loss {val_loss:.4f} vs unigram baseline "
-                    f"{summary['unigram_val_loss']:.4f} | {self.run_dir}/loss.png"
+                    f"{summary['unigram_val_loss']:.4f} | {self.run.loss_plot}"
                 )
         return summary
 
@@ -516,7 +445,7 @@ class Trainer:
         self.stream.close()
         self.val.close()
         # Dropping the DDP wrapper before destroying the group avoids an abort at exit.
-        del self.model, self.optimizer, self.engine
+        del self.engine
         gc.collect()
         self.signals.restore()
         if failed:
@@ -533,7 +462,7 @@ class Trainer:
 def report_failure(rank: int, error: BaseException) -> None:
     """One line naming the rank and the error, before the traceback, so the failing rank stands
     out in a job's interleaved logs (user errors are printed once by the CLI instead)."""
-    if isinstance(error, (KeyboardInterrupt, SystemExit, TrainingError, *USER_ERRORS)):
+    if isinstance(error, (KeyboardInterrupt, SystemExit, MegaliteError)):
         return
     print(
         f"megalite: rank {rank} failed: {type(error).__name__}: {error}",

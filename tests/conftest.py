@@ -93,7 +93,7 @@ def data_overrides(data_dir: Path, seq_len: int = 32) -> list[str]:
 
 def compose(overrides: list[str]):
     """The typed Config that `megalite-train <overrides>` would build."""
-    from megalite.train import compose_config
+    from megalite.compose import compose_config
 
     return compose_config(overrides)
 

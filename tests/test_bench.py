@@ -13,19 +13,11 @@ import random
 import numpy as np
 import pytest
 
-from megalite.bench import (
-    Cell,
-    _worker_error,
-    compose_bench,
-    expand,
-    main,
-    percentile,
-    run_cell,
-    skip_reason,
-)
+from megalite.bench import _worker_error, main, percentile, run_cell
+from megalite.bench_grid import Cell, compose_bench, expand, skip_reason
 from megalite.config import ConfigError
-from megalite.metrics import flops_per_token, hardware_flops_per_token
 from megalite.plan import load_presets
+from megalite.shapes import flops_per_token, hardware_flops_per_token
 
 
 def tiny_data_overrides(tiny_corpus, tmp_path) -> list[str]:

@@ -39,9 +39,14 @@ def _save_and_record_fsyncs(rank: int, store: str, run_dir: str) -> None:
         model(torch.randn(4, 16)).sum().backward()
         optimizer.step()
         info = DistInfo(rank=rank, world_size=WORLD, local_rank=rank, device=torch.device("cpu"))
-        checkpoint.save(
-            run_dir, 1, model, optimizer, {"tokens": 0}, ModelConfig(), info, keep_last=2
-        )
+
+        class Engine:  # what checkpoint.save needs of an engine (engine.NativeEngine's DCP save)
+            checkpoint_format = "dcp"
+
+            def save(self, directory: Path) -> None:
+                checkpoint.save_dcp(model, optimizer, directory)
+
+        checkpoint.save(run_dir, 1, Engine(), {"tokens": 0}, ModelConfig(), info, keep_last=2)
         Path(run_dir, f"fsyncs_{rank}.json").write_text(json.dumps(synced))
     finally:
         dist.destroy_process_group()

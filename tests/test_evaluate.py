@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from megalite.checkpoint import CheckpointError
+from megalite.checkpoint import CheckpointError, load_for_inference
 from megalite.config import ModelConfig
 from megalite.data.common import DataError
-from megalite.evaluate import evaluate, load_model, main
+from megalite.evaluate import evaluate, main
 from megalite.metrics import read_metrics
 from tests.conftest import BIN, REPO, compose, run_cli, tiny_train_overrides
 from tests.interop.helpers import random_checkpoint
@@ -77,7 +77,7 @@ def test_text_file_is_tokenized_with_the_runs_tokenizer_and_windowed(run, small_
     tok = Tokenizer.from_file(str(small_data / "tokenizer.json"))
     ids = tok.encode(TEXT).ids + [tok.token_to_id("<|endoftext|>")]
     assert 33 < len(ids) <= 65
-    model, _ = load_model(run / "checkpoints" / "step_00000004")
+    model, _ = load_for_inference(run / "checkpoints" / "step_00000004")
     with torch.no_grad():
         whole = model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])).item()
     # One window holding the whole text: exactly the model's loss on it.
@@ -122,10 +122,10 @@ def test_bad_input_is_one_line_error(run, tmp_path, capsys):
     shard = next(conv.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"cannot load the weights of .* damaged, use"):
-        load_model(conv)
+        load_for_inference(conv)
     (conv / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"no .metadata .*: the checkpoint is incomplete"):
-        load_model(conv)
+        load_for_inference(conv)
     with pytest.raises(DataError, match=r"manifest.json' is missing; is .* a prepared dataset"):
         evaluate(run, data_dir=tmp_path / "r")
 

@@ -121,11 +121,11 @@ def test_greedy_matches_transformers_generate_with_left_padding(tmp_path):
     """The same weights in transformers (exported): its generate() with left padding and an
     attention mask picks the same greedy tokens as megalite's batch."""
     transformers = pytest.importorskip("transformers")
-    from megalite.evaluate import load_model
+    from megalite.checkpoint import load_for_inference
     from megalite.interop.llama_hf import export_hf
 
     ckpt = random_checkpoint(tmp_path / "ckpt", CFG, seed=11)
-    ours, _ = load_model(ckpt)
+    ours, _ = load_for_inference(ckpt)
     hf_dir = export_hf(ours.state_dict(), CFG, tmp_path / "hf")
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
     width = max(map(len, PROMPTS))
@@ -157,11 +157,11 @@ def test_cli_generates_a_batch_with_the_checkpoint_tokenizer(tmp_path, tiny_data
     # with the checkpoint's tokenizer.json and seeded the sampler.
     from tokenizers import Tokenizer
 
-    from megalite.evaluate import load_model
+    from megalite.checkpoint import load_for_inference
 
     tok = Tokenizer.from_file(str(tiny_data / "tokenizer.json"))
     lib = generate(
-        load_model(ckpt)[0],
+        load_for_inference(ckpt)[0],
         [tok.encode("ROMEO:").ids, tok.encode("To be").ids],
         SamplingConfig(max_new_tokens=8, temperature=0.8, top_k=40, seed=4),
         eos=[tok.token_to_id("<|endoftext|>")],

@@ -1,24 +1,19 @@
-"""FLOPs per token against torch's FlopCounterMode, the peak table, MFU inputs, sinks."""
+"""The peak table, MFU inputs, the metric sinks (FLOPs per token: tests/test_shapes.py)."""
 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from megalite import metrics
-from megalite.config import ModelConfig, WandbConfig
+from megalite.config import WandbConfig
 from megalite.devices import DEVICES, lookup_device, lookup_peak_tflops
 from megalite.metrics import (
     MetricsLogger,
     Peak,
     PeakWarning,
-    flops_per_token,
-    hardware_flops_per_token,
-    matmul_params,
     mfu_warning,
     peak_memory_gb,
     peak_warnings,
@@ -26,106 +21,6 @@ from megalite.metrics import (
     redact,
     reset_peak_memory,
 )
-from megalite.model.transformer import build_model
-from megalite.parallel.checkpointing import apply_ac
-
-GQA_TIED = dict(
-    vocab_size=131, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=96, tie_embeddings=True
-)
-MHA = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64)
-
-
-@pytest.mark.parametrize(
-    "shape",
-    [
-        dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=96),  # MHA
-        dict(vocab_size=257, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=160),  # GQA
-        dict(
-            vocab_size=131,
-            dim=64,
-            n_layers=2,
-            n_heads=8,
-            n_kv_heads=1,
-            ffn_dim=128,
-            tie_embeddings=True,
-        ),
-    ],
-)
-def test_matmul_flops_match_flop_counter(shape):
-    """FlopCounterMode counts every matmul of forward + backward. CPU SDPA has no FLOP formula
-    (counted as 0), so the counter measures exactly the 6 * N_matmul part of our convention."""
-    cfg = ModelConfig(**shape, max_seq_len=64)
-    model = build_model(cfg)
-    b, t = 2, 24
-    x = torch.randint(0, cfg.vocab_size, (b, t))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x, x).backward()
-    counted = counter.get_total_flops()
-    ours = 6 * matmul_params(cfg) * b * t
-    assert counted == pytest.approx(ours, rel=0.01)
-    # The documented total adds the attention term 12 * L * C * T per token on top.
-    assert flops_per_token(cfg, t) * b * t == pytest.approx(
-        ours + 12 * cfg.n_layers * cfg.dim * t * b * t
-    )
-
-
-@pytest.mark.parametrize("shape", [MHA, GQA_TIED], ids=["mha", "gqa-tied"])
-def test_attention_term_against_counter_with_math_sdpa(shape):
-    """Under the math SDPA backend the counter sees QK^T and AV over the full T x T matrix:
-    exactly our (non-causally-halved) attention term."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    cfg = ModelConfig(**shape, max_seq_len=64)
-    model = build_model(cfg)
-    b, t = 2, 16
-    x = torch.randint(0, cfg.vocab_size, (b, t))
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel([SDPBackend.MATH]), counter:
-        model(x, x).backward()
-    assert counter.get_total_flops() == pytest.approx(flops_per_token(cfg, t) * b * t, rel=0.01)
-
-
-def _counted_flops(cfg: ModelConfig, ac: str, math_sdpa: bool, b: int = 2, t: int = 24) -> int:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    model = build_model(cfg)
-    apply_ac(model, ac)
-    x = torch.randint(0, cfg.vocab_size, (b, t))
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel([SDPBackend.MATH]) if math_sdpa else nullcontext(), counter:
-        model(x, x).backward()
-    return counter.get_total_flops()
-
-
-@pytest.mark.parametrize("shape", [MHA, GQA_TIED], ids=["mha", "gqa-tied"])
-@pytest.mark.parametrize("ac", ["none", "selective", "full"])
-def test_hardware_flops_with_recompute_match_flop_counter(shape, ac):
-    """HFU's numerator: with megalite's own activation checkpointing applied, the counter sees the
-    recomputed forward in backward. Full AC re-runs every block up to its down projection
-    (checkpoint's early stop) and the forward attention term; selective keeps matmul and
-    attention outputs, so adds nothing. CPU SDPA counts 0 (matmul part only); math SDPA adds
-    the attention term."""
-    cfg = ModelConfig(**shape, max_seq_len=64)
-    b, t = 2, 24
-    counted = _counted_flops(cfg, ac, math_sdpa=False, b=b, t=t)
-    attention = 12 * cfg.n_layers * cfg.dim * t
-    recompute_attention = 4 * cfg.n_layers * cfg.dim * t if ac == "full" else 0
-    hw = hardware_flops_per_token(cfg, t, ac)
-    assert counted == pytest.approx((hw - attention - recompute_attention) * b * t, rel=0.01)
-    assert _counted_flops(cfg, ac, math_sdpa=True, b=b, t=t) == pytest.approx(hw * b * t, rel=0.01)
-    if ac == "full":
-        # The documented form: blocks count 8x but for the down projection, the head 6x.
-        blocks = matmul_params(cfg) - cfg.dim * cfg.vocab_size
-        w2 = cfg.n_layers * cfg.dim * cfg.hidden_dim
-        assert hw - flops_per_token(cfg, t) == 2 * (blocks - w2) + recompute_attention
-    else:
-        assert hw == flops_per_token(cfg, t)
-
-
-def test_hardware_flops_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="activation_checkpointing='partial'"):
-        hardware_flops_per_token(ModelConfig(), 128, "partial")
 
 
 @pytest.mark.parametrize(

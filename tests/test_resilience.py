@@ -19,6 +19,7 @@ import torch
 
 from megalite import checkpoint
 from megalite.metrics import read_metrics
+from megalite.rundir import RunDir
 from tests.conftest import BIN, REPO, compose, tiny_train_overrides
 
 STEPS = 8
@@ -169,7 +170,7 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tiny_data, tmp_path, stra
     proc = spawn(overrides(tiny_data, run), fault=f"kill_at={point}@4")
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    newest = checkpoint.newest_complete(run)
+    newest = RunDir(run).newest_checkpoint()
     renamed = SAVE_POINTS.index(point) >= SAVE_POINTS.index("save_before_latest")
     assert newest is not None and newest.name == ("step_00000004" if renamed else "step_00000002")
     train(overrides(tiny_data, run, resume="auto"))
@@ -239,8 +240,9 @@ def test_sigusr1_checkpoints_and_exits_cleanly_for_requeue(tiny_data, tmp_path, 
     assert proc.returncode == 0, err
     marker = json.loads((run / "PREEMPTED").read_text())
     assert marker["signal"] == "SIGUSR1" and marker["step"] == at
-    assert checkpoint.newest_complete(run).name == f"step_{at:08d}"
-    assert out.count(f"checkpoint {run}/checkpoints/step_{at:08d}") == (at % 2 == 0)
+    assert RunDir(run).newest_checkpoint().name == f"step_{at:08d}"
+    periodic = [line for line in out.splitlines() if line.startswith("checkpoint ")]
+    assert periodic.count(f"checkpoint {run}/checkpoints/step_{at:08d}") == (at % 2 == 0)
     # Not saved a second time when the signal met the periodic checkpoint.
     assert ("SIGUSR1: newest checkpoint" if at % 2 == 0 else "SIGUSR1: checkpointed") in out
     train(overrides(tiny_data, run, resume="auto"))

@@ -15,9 +15,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from megalite.data.common import DataError, read_manifest
+from megalite.data.common import read_manifest
 from megalite.data.filters import GOPHER, FilterOptions
 from megalite.data.prepare import PrepareOptions, default_workers, prepare
+from megalite.errors import MegaliteError, cli_error
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
 
@@ -236,9 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(_table(args.dir, s))
                 if args.verify:
                     print("  every shard matches its sha1 in index.json")
-    except DataError as e:
-        print(f"megalite-data: error: {e}", file=sys.stderr)
-        return 2
+    except MegaliteError as e:
+        return cli_error("megalite-data", e)
     return 0
 
 

@@ -16,6 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from megalite.errors import DataError  # noqa: F401  (the data package's error)
+
 EOS = "<|endoftext|>"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -24,10 +26,6 @@ SPLITS = ("train", "val")
 # v2 added index hashes, filter counts and the optional doc_starts column; v1 datasets still load.
 FORMAT = "megalite-mds-v2"
 FORMATS = ("megalite-mds-v1", FORMAT)
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the file or option, the value and the fix."""
 
 
 def file_sha256(path: str | Path) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -249,29 +248,10 @@ def _open(cfg: DataConfig, split: str, **kwargs):
     )
 
 
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (B, seq_len) int64
-    targets: torch.Tensor  # (B, seq_len) int64, inputs shifted by one
-    # (B, seq_len) int32: index of the document each input position belongs to, counted from
-    # 0 in each sample (for document-masked attention); None without a doc_starts column.
-    doc_ids: torch.Tensor | None = None
-
-
-def doc_ids_from_starts(starts: list[list[int]], seq_len: int) -> torch.Tensor:
-    """Document index per input position from each sample's document start offsets."""
-    marks = np.zeros((len(starts), seq_len), np.int32)
-    for row, s in zip(marks, starts):
-        row[[p for p in s if 0 < p < seq_len]] = 1
-    return torch.from_numpy(np.cumsum(marks, axis=1, dtype=np.int32))
-
-
-def collate(samples: list[dict]) -> tuple[torch.Tensor, list[list[int]] | None]:
-    """int64 (B, seq_len + 1) tokens (a copy: the shard arrays are read-only views) and the
-    document starts when the shards have them."""
-    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
-    starts = [s["doc_starts"] for s in samples] if "doc_starts" in samples[0] else None
-    return tokens, starts
+def collate(samples: list[dict]) -> torch.Tensor:
+    """int64 (B, seq_len + 1) tokens (a copy: the shard arrays are read-only views). A
+    `doc_starts` column, when the shards have one, is not read: no model consumes it yet."""
+    return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
 
 
 def _fingerprint(dataset) -> dict:
@@ -294,7 +274,6 @@ class TrainStream:
     ) -> None:
         from streaming import StreamingDataLoader
 
-        self.seq_len = cfg.seq_len
         self.dataset = _open(
             cfg,
             "train",
@@ -344,22 +323,18 @@ class TrainStream:
     def __iter__(self) -> TrainStream:
         return self
 
-    def next_batch(self) -> Batch:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (B, seq_len) int64, targets the inputs shifted by one."""
         while True:
             if self._it is None:
                 self._it = iter(self.loader)
             try:
-                tokens, starts = next(self._it)
+                tokens = next(self._it)
             except StopIteration:
                 self._it = None
                 self.epoch += 1
                 continue
-            doc_ids = doc_ids_from_starts(starts, self.seq_len) if starts is not None else None
-            return Batch(tokens[:, :-1], tokens[:, 1:], doc_ids)
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.next_batch()
-        return batch.inputs, batch.targets
+            return tokens[:, :-1], tokens[:, 1:]
 
     def close(self) -> None:
         """Stops streaming's download threads of an unfinished epoch (they would otherwise poll
@@ -399,7 +374,7 @@ class ValSet:
                 ((b * micro_batch_size + i) * self.world_size + self.rank) * len(self) // picked
                 for i in range(micro_batch_size)
             ]
-            tokens, _ = collate([self.dataset.get_item(i) for i in idx])
+            tokens = collate([self.dataset.get_item(i) for i in idx])
             yield tokens[:, :-1], tokens[:, 1:]
 
     def close(self) -> None:

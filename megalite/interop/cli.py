@@ -1,13 +1,16 @@
-"""`megalite-convert`: Llama checkpoints between Hugging Face / Meta and megalite.
+"""`megalite-convert`: checkpoints into and out of megalite (Llama HF / Meta, DeepSpeed ZeRO).
 
 megalite-convert from-hf path/to/hf_llama converted/             # config.json + *.safetensors
 megalite-convert from-meta path/to/Llama-2-7b converted/         # params.json + consolidated.00.pth
 megalite-convert to-hf runs/cpu_demo hf_out/ --dtype bfloat16    # newest checkpoint of a run
+megalite-convert from-deepspeed runs/z3/checkpoints/step_00000100 z3_step_100/   # zero1/2/3 run
 
 An imported dir is a megalite checkpoint: continue pretraining from it with
 `megalite-train -cd converted/conf model=<name> train.init_from=converted/`, or pass it to
 megalite-eval / megalite-generate. An exported dir loads with
 `transformers.LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`, offline.
+A converted DeepSpeed checkpoint holds the fp32 model weights: any layout starts from it with
+`train.init_from=<dir>` (the optimizer state stays behind).
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from megalite.checkpoint import CheckpointError
-from megalite.config import ConfigError
-from megalite.data.common import DataError
+from megalite.checkpoint import load_for_inference, resolve_checkpoint
+from megalite.errors import MegaliteError, cli_error
 from megalite.interop.llama_hf import (
     DTYPES,
     Imported,
@@ -27,10 +29,10 @@ from megalite.interop.llama_hf import (
     export_hf,
     import_hf,
     import_meta,
-    model_overrides,
     n_params_label,
     tokenizer_config,
 )
+from megalite.interop.llama_map import model_overrides
 
 
 def _print_imported(res: Imported, src: str) -> None:
@@ -51,17 +53,10 @@ def _print_imported(res: Imported, src: str) -> None:
 
 def to_hf(args: argparse.Namespace) -> Path:
     """Export: loads the checkpoint (any layout) and writes the Hugging Face dir."""
-    from megalite.evaluate import (
-        eos_ids,
-        find_tokenizer,
-        load_model,
-        load_tokenizer,
-        resolve_checkpoint,
-        run_data_config,
-    )
+    from megalite.evaluate import eos_ids, find_tokenizer, load_tokenizer, run_data_config
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    model, meta = load_model(ckpt, "cpu")
+    model, meta = load_for_inference(ckpt, "cpu")
     cfg = model.cfg
     files: dict[str, str | Path] = {}
     extra: dict[str, str] = {}
@@ -112,6 +107,21 @@ def to_hf(args: argparse.Namespace) -> Path:
     return out
 
 
+def from_deepspeed(args: argparse.Namespace) -> Path:
+    """A DeepSpeed ZeRO checkpoint of a zero1/2/3 run -> a DCP checkpoint of its fp32 weights."""
+    # DeepSpeed (and its accelerator probing) is imported only for this command.
+    from megalite.parallel.deepspeed import convert_to_dcp
+
+    out = Path(args.out)
+    meta = convert_to_dcp(Path(args.checkpoint), out)
+    print(
+        f"megalite-convert: wrote {out} from {args.checkpoint} (DeepSpeed, step "
+        f"{meta.get('step')}, fp32 weights); start any layout from it with "
+        f"train.init_from={out}"
+    )
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megalite-convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,29 +146,30 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's / run's)")
     exp.add_argument("--no-tokenizer", action="store_true", help="write the model only")
     exp.add_argument("--overwrite", action="store_true")
+    ds = sub.add_parser(
+        "from-deepspeed", help="DeepSpeed ZeRO checkpoint (zero1/2/3 run) -> megalite DCP weights"
+    )
+    ds.add_argument("checkpoint", help="a step_N dir written by a zero1/2/3 run")
+    ds.add_argument("out", help="new directory for the DCP checkpoint (train.init_from)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "from-hf":
-            res = import_hf(
+        if args.command in ("from-hf", "from-meta"):
+            importer = import_hf if args.command == "from-hf" else import_meta
+            res = importer(
                 args.src, args.out, name=args.name, max_seq_len=args.max_seq_len,
                 overwrite=args.overwrite,
             )  # fmt: skip
             _print_imported(res, args.src)
-        elif args.command == "from-meta":
-            res = import_meta(
-                args.src, args.out, name=args.name, max_seq_len=args.max_seq_len,
-                overwrite=args.overwrite,
-            )  # fmt: skip
-            _print_imported(res, args.src)
+        elif args.command == "from-deepspeed":
+            from_deepspeed(args)
         else:
             to_hf(args)
-    except (InteropError, CheckpointError, DataError, ConfigError) as e:
-        print(f"megalite-convert: error: {e}", file=sys.stderr)
-        return 2
+    except MegaliteError as e:
+        return cli_error("megalite-convert", e)
     return 0
 
 

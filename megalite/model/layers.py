@@ -15,13 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalite.backends import ATTENTION, NORM
+from megalite.errors import BackendUnavailableError
 from megalite.kernels import reference
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class BackendUnavailableError(RuntimeError):
-    """A configured backend cannot run here; the message names the key and the alternatives."""
 
 
 # ----------------------------------------------------------------------------------- RMSNorm
@@ -34,9 +32,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x, self.weight, self.eps)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def _norm_fn(backend: str) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
@@ -51,7 +46,7 @@ def _norm_fn(backend: str) -> Callable[[torch.Tensor, torch.Tensor, float], torc
                 "use model.norm=torch"
             ) from e
         return rms_norm
-    raise ValueError(f"model.norm={backend!r} is not one of torch, triton")
+    raise ValueError(f"{NORM.key}={backend!r} is not one of {', '.join(NORM.backends)}")
 
 
 # -------------------------------------------------------------------------------------- RoPE
@@ -129,7 +124,7 @@ def attention_fn(backend: str) -> AttentionFn:
             ) from e
         # flash-attn takes (B, T, heads, D) and handles GQA itself.
         return lambda q, k, v: flash_attn_func(q, k, v, causal=True)
-    raise ValueError(f"model.attention={backend!r} is not one of sdpa, triton, flash_attn")
+    raise ValueError(f"{ATTENTION.key}={backend!r} is not one of {', '.join(ATTENTION.backends)}")
 
 
 class Attention(nn.Module):

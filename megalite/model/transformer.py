@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from megalite.backends import ATTENTION, LOSS, NORM
 from megalite.config import ModelConfig
 from megalite.kernels import reference
 from megalite.model.layers import (
@@ -66,7 +67,7 @@ def cross_entropy_fn(backend: str) -> CrossEntropyFn:
                 "use train.loss=torch"
             ) from e
         return lambda logits, y: cross_entropy(logits, y, IGNORE_INDEX)
-    raise ValueError(f"train.loss={backend!r} is not one of torch, triton, fused_linear")
+    raise ValueError(f"{LOSS.key}={backend!r} is not one of {', '.join(LOSS.backends)}")
 
 
 def fused_linear_loss_fn() -> FusedLossFn:
@@ -85,21 +86,11 @@ def fused_linear_loss_fn() -> FusedLossFn:
 def resolve_backends(
     cfg: ModelConfig, loss: str, device_type: str, tp: int = 1
 ) -> tuple[ModelConfig, str]:
-    """Replaces `auto` backends with concrete ones for this device type and TP degree.
-
-    - attention: torch SDPA everywhere (on CUDA it dispatches to the flash, cuDNN or efficient
-      kernels); megalite's Triton kernel and flash-attn are opt-in until the GPU check
-      (`megalite-gpu-check`) shows them faster.
-    - norm: torch everywhere; torch.compile fuses it, and the Triton kernel is opt-in.
-    - loss: the fused linear + cross-entropy kernel on CUDA without tensor parallelism (it never
-      materializes the N x V logits: 2 GiB in bf16 at 8K tokens x 128K vocab, plus their fp32
-      softmax and gradient); torch otherwise (on CPU, and under tensor parallelism, where the
-      logits are vocab-sharded and the loss runs in `loss_parallel`).
-    """
-    attention = "sdpa" if cfg.attention == "auto" else cfg.attention
-    norm = "torch" if cfg.norm == "auto" else cfg.norm
-    if loss == "auto":
-        loss = "fused_linear" if device_type == "cuda" and tp == 1 else "torch"
+    """Replaces `auto` backends with concrete ones for this device type and TP degree, by the
+    rules of the backend tables (megalite/backends.py)."""
+    attention = ATTENTION.resolve(cfg.attention, device_type, tp)
+    norm = NORM.resolve(cfg.norm, device_type, tp)
+    loss = LOSS.resolve(loss, device_type, tp)
     return dataclasses.replace(cfg, attention=attention, norm=norm), loss
 
 
@@ -234,15 +225,7 @@ def build_model(
     return model
 
 
-def count_params(model: nn.Module, *, exclude_embeddings: bool = False) -> int:
-    """Unique parameters (tied weights counted once); optionally without the input embedding."""
-    seen: set[int] = set()
-    total = 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if exclude_embeddings and "tok_embeddings" in name:
-            continue
-        total += p.numel()
-    return total
+def count_params(model: nn.Module) -> int:
+    """Unique parameters of a built module (tied weights counted once). From a config, without
+    building: shapes.param_count."""
+    return sum(p.numel() for p in model.parameters())

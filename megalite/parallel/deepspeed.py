@@ -21,16 +21,14 @@ Checkpoints are DeepSpeed's own (`engine.save_checkpoint`), written into `step_N
 renamed like every megalite checkpoint. `convert_to_dcp` turns one into the common DCP format
 (model weights, fp32) that `train.init_from`, `megalite-eval` and any other layout load:
 
-    python -m megalite.parallel.deepspeed runs/x/checkpoints/step_00000100 runs/x/dcp_step_100
+    megalite-convert from-deepspeed runs/x/checkpoints/step_00000100 runs/x/dcp_step_100
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +38,14 @@ import torch.nn as nn
 
 from megalite import checkpoint
 from megalite.config import Config, ModelConfig
+from megalite.errors import CheckpointError, ConfigError
 from megalite.model.transformer import Transformer
 from megalite.optim import build_optimizer
 from megalite.parallel.checkpointing import apply_ac
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import compile_blocks, parallelize
+from megalite.rundir import read_meta, write_meta
+from megalite.strategies import STRATEGIES
 
 ENGINE = "deepspeed"
 
@@ -62,7 +63,7 @@ def _import_deepspeed(device: torch.device):
 
 
 def ds_config(cfg: Config, global_batch: int) -> dict[str, Any]:
-    stage = int(cfg.parallel.strategy.removeprefix("zero"))
+    stage = STRATEGIES[cfg.parallel.strategy].zero_stage
     dim = cfg.model.dim
     return {
         "train_batch_size": global_batch,
@@ -96,12 +97,18 @@ def build(
     global_batch: int,
     device: torch.device,
     init_from: Path | None = None,
-) -> tuple[Any, torch.optim.Optimizer]:
-    """Builds the model (`materialize`), megalite's AdamW over it, and the engine; returns
-    (engine, engine optimizer). The engine's `.module` is the model."""
+) -> DeepSpeedEngine:
+    """Builds the model (`materialize`), megalite's AdamW over it, and the DeepSpeed engine
+    around both. The engine's `.module` is the model."""
     model = materialize(cfg, dims, global_batch, device, init_from)
-    optimizer = build_optimizer(model, cfg.optim)
-    return build_engine(model, optimizer, cfg, global_batch, device)
+    deepspeed = _init(device)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, cfg.optim),
+        config=ds_config(cfg, global_batch),
+        dist_init_required=False,
+    )
+    return DeepSpeedEngine(engine, ds_optimizer)
 
 
 def materialize(
@@ -115,7 +122,7 @@ def materialize(
     or those of the DCP checkpoint `init_from`: whole on every rank for zero1/2, partitioned
     from construction on for zero3."""
     deepspeed = _init(device)
-    if dims.strategy == "zero3":
+    if STRATEGIES[dims.strategy].zero_stage == 3:
         return _build_partitioned(deepspeed, cfg, ds_config(cfg, global_batch), init_from)
     with torch.device("meta"):
         model = Transformer(cfg.model, loss=cfg.train.loss)
@@ -213,100 +220,93 @@ def _write_full(
         p.copy_(full[name])
 
 
-def build_engine(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: Config,
-    global_batch: int,
-    device: torch.device,
-):
-    """Wraps a model and its optimizer; returns (engine, engine optimizer)."""
-    deepspeed = _init(device)
-    engine, ds_optimizer, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=ds_config(cfg, global_batch),
-        dist_init_required=False,
-    )
-    return engine, ds_optimizer
+class DeepSpeedEngine:
+    """megalite's engine interface (engine.py) over a DeepSpeed engine. DeepSpeed applies the
+    update inside `engine.step()` on the last micro-batch, so the loss guard can count a bad step
+    and roll back, not skip it."""
+
+    checkpoint_format = ENGINE
+
+    def __init__(self, engine, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = engine, optimizer
+
+    def forward_backward(
+        self, micro_batches, poison: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_sum = torch.zeros((), device=self.model.device)
+        for x, y in micro_batches:
+            loss = self.model(x, y)
+            if poison is not None:  # test machinery (resilience.Faults)
+                loss = loss * poison
+            self.model.backward(loss)
+            self.model.step()
+            loss_sum += loss.detach().float()
+        norm = self.model.get_global_grad_norm()
+        if not isinstance(norm, torch.Tensor):
+            norm = torch.tensor(float(norm or 0.0))
+        return loss_sum, norm.to(self.model.device).float()
+
+    def optimizer_step(self, apply: bool) -> None:
+        """Nothing left to do: DeepSpeed stepped (and zeroed the gradients) in engine.step()."""
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model(x, y).float()
+
+    def save(self, directory: Path) -> None:
+        """DeepSpeed's checkpoint files, in `directory` (a collective on every rank)."""
+        self.model.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(
+            str(directory.parent),
+            tag=directory.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {str(directory)!r}")
 
 
-def train_step(
-    engine, micro_batches, grad_accum_steps: int, poison: float = 1.0
-) -> tuple[torch.Tensor, float]:
-    """One optimizer step; returns (sum of micro-batch losses, global grad norm). `poison` is
-    the loss guard tests' failpoint (1.0 outside tests)."""
-    loss_sum = torch.zeros((), device=engine.device)
-    for x, y, _ in micro_batches:
-        loss = engine(x, y) * poison
-        engine.backward(loss)
-        engine.step()
-        loss_sum += loss.detach().float()
-    norm = engine.get_global_grad_norm()
-    norm = float(norm.item() if isinstance(norm, torch.Tensor) else (norm or 0.0))
-    return loss_sum, norm
-
-
-def save(engine, tmp: Path) -> None:
-    """Writes DeepSpeed's checkpoint files into `tmp` (a collective on every rank)."""
-    engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
-
-
-def load(engine, path: Path) -> None:
-    load_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
-    if load_path is None:
-        raise ValueError(f"DeepSpeed found no checkpoint in {str(path)!r}")
-
-
-def convert_to_dcp(ds_dir: Path, out: Path) -> None:
+def convert_to_dcp(ds_dir: Path, out: Path) -> dict[str, Any]:
     """A DeepSpeed ZeRO checkpoint (a step_N dir written by megalite) -> a DCP checkpoint of
-    the fp32 model weights, loadable under any layout (`train.init_from`, `megalite-eval`)."""
+    the fp32 model weights, loadable under any layout (`train.init_from`, `megalite-eval`).
+    Returns the meta.json written. `megalite-convert from-deepspeed` runs it."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
+    meta = read_meta(ds_dir, "give a step_N dir written by a zero1/2/3 run")
+    if meta.get("engine") != ENGINE:
+        raise CheckpointError(f"{str(ds_dir)!r} was not written by DeepSpeed; it is already DCP")
+    if out.exists():
+        raise CheckpointError(f"output {str(out)!r} exists; choose a new directory")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "reading a DeepSpeed checkpoint needs DeepSpeed, which is not installed; "
+            "`pip install megalite[deepspeed]`"
+        )
     _import_deepspeed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    meta_path = ds_dir / "meta.json"
-    if not meta_path.is_file():
-        raise ValueError(f"{str(ds_dir)!r} has no meta.json: not a megalite checkpoint dir")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("engine") != ENGINE:
-        raise ValueError(f"{str(ds_dir)!r} was not written by DeepSpeed; it is already DCP")
-    if out.exists():
-        raise ValueError(f"output {str(out)!r} exists; choose a new directory")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
-    ModelConfig(**meta["model"])  # validates the recorded config
+    model = ModelConfig(**meta["model"])  # validates the recorded config
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": {k: v.float() for k, v in state.items()}}, checkpoint_id=str(tmp))
-    converted = dict(meta, engine="dcp", converted_from=str(ds_dir))
-    (tmp / "meta.json").write_text(json.dumps(converted, indent=2) + "\n")
-    tmp.rename(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m megalite.parallel.deepspeed",
-        description="convert a DeepSpeed ZeRO checkpoint to megalite's DCP format",
+    recorded = ("step", "tokens", "world_size", "engine", "model")
+    extra = {k: v for k, v in meta.items() if k not in recorded}
+    write_meta(
+        tmp,
+        step=meta.get("step"),
+        tokens=meta.get("tokens"),
+        world_size=meta.get("world_size"),
+        engine="dcp",
+        model=model,
+        **extra,
+        converted_from=str(ds_dir),
     )
-    p.add_argument("checkpoint", type=Path, help="a step_N dir written by a zero1/2/3 run")
-    p.add_argument("out", type=Path, help="new directory for the DCP checkpoint")
-    args = p.parse_args(argv)
-    try:
-        convert_to_dcp(args.checkpoint, args.out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    tmp.rename(out)
+    return read_meta(out)

@@ -6,12 +6,16 @@ group are consecutive (one node on a cluster) and the data-parallel groups strid
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch.distributed
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megalite.config import DEEPSPEED_STRATEGIES, ParallelConfig, resolve_degrees
+from megalite.config import Config, ParallelConfig, check_tp
+from megalite.errors import ConfigError
+from megalite.strategies import STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,32 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
-        dp_replicate, dp_shard, tp = resolve_degrees(cfg, world_size)
-        return cls(cfg.strategy, dp_replicate, dp_shard, tp)
+        """The degrees of `cfg` on `world_size` ranks, -1 filled in; their product must be the
+        world size. Entry points resolve them once, here, and hand the dims down."""
+        degrees = [cfg.dp_replicate, cfg.dp_shard, cfg.tp]
+        if cfg.strategy == "single":
+            degrees = [1, 1, 1]
+        known = math.prod(d for d in degrees if d != -1)
+        if -1 in degrees:
+            if world_size % known:
+                raise ConfigError(
+                    f"parallel degrees dp_replicate={cfg.dp_replicate} dp_shard={cfg.dp_shard} "
+                    f"tp={cfg.tp}: the fixed ones multiply to {known}, which does not divide the "
+                    f"world size {world_size}; pick degrees dividing {world_size}"
+                )
+            degrees[degrees.index(-1)] = world_size // known
+        if math.prod(degrees) != world_size:
+            if cfg.strategy == "single":
+                raise ConfigError(
+                    f"parallel.strategy=single but the world size is {world_size}; "
+                    "use parallel=ddp (or another multi-rank layout) under torchrun"
+                )
+            raise ConfigError(
+                f"parallel degrees dp_replicate={degrees[0]} x dp_shard={degrees[1]} x tp="
+                f"{degrees[2]} = {math.prod(degrees)} but the world size is {world_size}; make "
+                "their product equal the number of processes (or set one of them to -1)"
+            )
+        return cls(cfg.strategy, degrees[0], degrees[1], degrees[2])
 
     @property
     def world_size(self) -> int:
@@ -37,11 +65,15 @@ class ParallelDims:
 
     @property
     def uses_fsdp(self) -> bool:
-        return self.strategy in ("fsdp", "hsdp", "fsdp_tp")
+        return STRATEGIES[self.strategy].fsdp
+
+    @property
+    def uses_ddp(self) -> bool:
+        return STRATEGIES[self.strategy].ddp
 
     @property
     def uses_deepspeed(self) -> bool:
-        return self.strategy in DEEPSPEED_STRATEGIES
+        return STRATEGIES[self.strategy].deepspeed
 
     def dp_rank(self, rank: int) -> int:
         """This rank's index among the data-parallel ranks (tp ranks share one)."""
@@ -57,3 +89,25 @@ class ParallelDims:
             (self.dp_replicate, self.dp_shard, self.tp),
             mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
         )
+
+
+def check_world_size(cfg: Config, dims: ParallelDims) -> int:
+    """Checks the config against its degrees on this world size (tensor-parallel divisibility,
+    the batch arithmetic, DeepSpeed installed); returns the global batch size in sequences."""
+    if dims.tp > 1:
+        check_tp(cfg, dims.tp)
+    dp = dims.dp
+    derived = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp
+    if cfg.train.global_batch_size is not None and cfg.train.global_batch_size != derived:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} does not equal "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum_steps="
+            f"{cfg.train.grad_accum_steps} x data-parallel size {dp} = {derived}; set "
+            f"train.global_batch_size={derived} or change the micro-batch / accumulation"
+        )
+    if dims.uses_deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"parallel.strategy={dims.strategy} needs DeepSpeed, which is not installed; "
+            "`pip install megalite[deepspeed]`, or use parallel=fsdp"
+        )
+    return derived

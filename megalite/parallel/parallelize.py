@@ -77,17 +77,10 @@ def parallelize(
     model.to_empty(device=device)
     model.tie_weights()
     model.init_weights(seed=cfg.train.seed, copy_fn=_copy_shard)
-    if dims.strategy == "ddp" and torch.distributed.is_initialized():
+    if dims.uses_ddp and torch.distributed.is_initialized():
         device_ids = [device.index] if device.type == "cuda" else None
         return DDP(model, device_ids=device_ids)
     return model
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside any wrapper (DDP and DeepSpeed keep it as `.module`)."""
-    if isinstance(module, DDP) or type(module).__name__ == "DeepSpeedEngine":
-        return module.module
-    return module
 
 
 @contextmanager

@@ -188,30 +188,3 @@ def test_local_path_as_remote_streams_through_a_cache(tiny_data, tmp_path):
         gc.collect()
     assert all(torch.equal(x, y) for x, y in zip(batches["cached"], batches["in place"]))
     assert list((cache / "train").glob("shard.*.mds"))  # shards were copied in as read
-
-
-def test_doc_ids_restart_after_each_eos(tmp_path, paragraphs, tiny_data):
-    from megalite.data.prepare import PrepareOptions, prepare
-    from tests.data.test_readers_filters import write_jsonl
-
-    out = tmp_path / "ds"
-    m = prepare(
-        PrepareOptions(
-            inputs=[str(write_jsonl(tmp_path / "c.jsonl", paragraphs[:80]))],
-            out=str(out),
-            seq_len=32,
-            tokenizer=str(tiny_data / "tokenizer.json"),
-            doc_boundaries=True,
-        )
-    )
-    stream = TrainStream(_config(out), micro_batch_size=16, seed=0)
-    batches = [stream.next_batch() for _ in range(4)]
-    stream.close()
-    boundaries = 0
-    for batch in batches:
-        assert batch.doc_ids is not None and batch.doc_ids.shape == batch.inputs.shape
-        assert (batch.doc_ids[:, 0] == 0).all()
-        step = batch.doc_ids[:, 1:] - batch.doc_ids[:, :-1]
-        assert torch.equal(step, (batch.inputs[:, :-1] == m["eos_id"]).int())
-        boundaries += int(step.sum())
-    assert boundaries > 0

@@ -100,9 +100,9 @@ def test_every_autotune_config_is_built(aot_results, aot_mode) -> None:
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "from megalite.kernels import flash_attention as fa\n"
-        "print(sum(len(t[d]) for t in (fa.FWD_CONFIGS, fa.BWD_DKDV_CONFIGS, fa.BWD_DQ_CONFIGS)"
-        " for d in fa.SUPPORTED_HEAD_DIMS))"
+        "from megalite.kernels import flash_attention_bwd as bwd, flash_attention_fwd as fwd\n"
+        "print(sum(len(t[d]) for t in (fwd.FWD_CONFIGS, bwd.BWD_DKDV_CONFIGS, bwd.BWD_DQ_CONFIGS)"
+        " for d in fwd.SUPPORTED_HEAD_DIMS))"
     )
     n_configs = int(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
     for arch in (80, 90):
@@ -152,10 +152,10 @@ def test_autotune_prunes_to_the_head_dim_table() -> None:
     """On a GPU the attention autotuners benchmark only their head dim's row of the table."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "from megalite.kernels import flash_attention as fa\n"
-        "for kernel, table in ((fa._attn_fwd_kernel, fa.FWD_CONFIGS),\n"
-        "                      (fa._attn_bwd_dkdv_kernel, fa.BWD_DKDV_CONFIGS),\n"
-        "                      (fa._attn_bwd_dq_kernel, fa.BWD_DQ_CONFIGS)):\n"
+        "from megalite.kernels import flash_attention_bwd as bwd, flash_attention_fwd as fwd\n"
+        "for kernel, table in ((fwd._attn_fwd_kernel, fwd.FWD_CONFIGS),\n"
+        "                      (bwd._attn_bwd_dkdv_kernel, bwd.BWD_DKDV_CONFIGS),\n"
+        "                      (bwd._attn_bwd_dq_kernel, bwd.BWD_DQ_CONFIGS)):\n"
         "    kernel.nargs = {}  # set by Autotuner.run before it prunes\n"
         "    for d, row in table.items():\n"
         "        kept = kernel.prune_configs({'HEAD_DIM': d})\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megalite import launch
+from megalite import launch, launch_slurm
 from tests.conftest import REPO, run_cli
 from tests.launch.conftest import LAUNCH
 from tests.launch.procs import wait_for
@@ -363,8 +363,8 @@ def test_grace_is_estimated_from_the_step_and_the_checkpoint_write():
     """70B on 8 nodes: ~890 GB of checkpoint at 1 GB/s per node and a 4M-token step take far
     longer than SLURM's customary 120 s; a faster filesystem shortens the lead."""
     from megalite import plan
+    from megalite.compose import compose_config
     from megalite.devices import lookup_peak_tflops
-    from megalite.train import compose_config
 
     overrides = [
         "model=llama3_70b", "parallel=fsdp_tp", "data.seq_len=8192",
@@ -468,20 +468,22 @@ def test_config_is_checked_against_the_world_size_before_launching():
 
 def test_submit_without_sbatch_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    job = launch.SlurmJob(nodes=1, output_dir=str(tmp_path / "logs"))
+    job = launch_slurm.SlurmJob(nodes=1, output_dir=str(tmp_path / "logs"))
     with pytest.raises(launch.LaunchError, match=r"sbatch is not on PATH.*--dry-run"):
-        launch.submit(job, "#!/bin/bash\n")
+        launch_slurm.submit(job, "#!/bin/bash\n")
 
 
 def test_time_limits_in_every_slurm_format():
-    assert launch.time_limit_seconds("90") == 90 * 60
-    assert launch.time_limit_seconds("10:30") == 10 * 60 + 30
-    assert launch.time_limit_seconds("02:00:00") == 7200
-    assert launch.time_limit_seconds("1-12") == 86400 + 12 * 3600
-    assert launch.time_limit_seconds("1-00:30") == 86400 + 1800
-    assert launch.time_limit_seconds("2-01:00:05") == 2 * 86400 + 3605
-    assert launch.time_limit_seconds("UNLIMITED") is None
-    assert re.search("not a SLURM time limit", _error(lambda: launch.time_limit_seconds("1:2:3:4")))
+    assert launch_slurm.time_limit_seconds("90") == 90 * 60
+    assert launch_slurm.time_limit_seconds("10:30") == 10 * 60 + 30
+    assert launch_slurm.time_limit_seconds("02:00:00") == 7200
+    assert launch_slurm.time_limit_seconds("1-12") == 86400 + 12 * 3600
+    assert launch_slurm.time_limit_seconds("1-00:30") == 86400 + 1800
+    assert launch_slurm.time_limit_seconds("2-01:00:05") == 2 * 86400 + 3605
+    assert launch_slurm.time_limit_seconds("UNLIMITED") is None
+    assert re.search(
+        "not a SLURM time limit", _error(lambda: launch_slurm.time_limit_seconds("1:2:3:4"))
+    )
 
 
 def _error(fn) -> str:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from megalite.checkpoint import newest_complete
+from megalite.rundir import RunDir
 from tests.conftest import REPO
 from tests.launch.conftest import (
     CKPT_EVERY,
@@ -54,7 +54,7 @@ def test_sigkill_of_a_worker_restarts_the_group_and_resumes_with_no_step_lost(
         # Mid-run: a checkpoint exists and steps past it were taken (they will be redone).
         checkpoint = wait_for(
             lambda: (
-                (ck := newest_complete(run)) is not None
+                (ck := RunDir(run).newest_checkpoint()) is not None
                 and last_step(run) > int(ck.name[5:]) + 1
                 and ck
             ),

@@ -11,7 +11,7 @@ import torch
 from megalite.kernels import reference
 
 from megalite.config import ModelConfig
-from megalite.interop.llama_hf import hf_name
+from megalite.interop.llama_map import hf_name
 from megalite.model.layers import BackendUnavailableError, attention_fn
 from megalite.model.transformer import Transformer, build_model, count_params, resolve_backends
 
@@ -131,7 +131,7 @@ def test_logits_match_transformers_llama(tied, n_kv):
         mlp_bias=False,
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    # The converter's name table (megalite.interop.llama_hf), so the two cannot drift apart.
+    # The converter's name table (megalite.interop.llama_map), so the two cannot drift apart.
     hf_sd = {hf_name(name): tensor for name, tensor in ours.state_dict().items()}
     missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}

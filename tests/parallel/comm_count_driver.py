@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch.distributed as dist
 
-from megalite.train import compose_config
+from megalite.compose import compose_config
 from megalite.trainer import Trainer
 
 COUNTED = {

@@ -13,7 +13,7 @@ import sys
 
 import torch.distributed as dist
 
-from megalite.train import compose_config
+from megalite.compose import compose_config
 from megalite.trainer import Trainer
 
 

@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from megalite.compose import compose_config
 from megalite.model.transformer import Transformer, build_model
 from megalite.optim import build_optimizer
 from megalite.parallel import fsdp
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import parallelize
-from megalite.train import compose_config
 
 STEPS = 3
 BATCH, SEQ = 4, 16  # global batch: each of the 2 ranks takes 2 rows

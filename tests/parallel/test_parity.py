@@ -258,18 +258,18 @@ def test_deepspeed_checkpoint_converts_to_dcp(runs, tiny_data, tmp_path):
     from megalite.checkpoint import CheckpointError, load_model_weights
     from megalite.config import DataConfig
     from megalite.data.loader import ValSet
+    from megalite.interop.cli import main as megalite_convert
     from megalite.model.transformer import build_model
-    from megalite.parallel.deepspeed import convert_to_dcp
 
     ds_ckpt = runs["zero3"] / "checkpoints" / f"step_{STEPS:08d}"
     cfg = compose(overrides(tiny_data, tmp_path / "x", 4))
     model = build_model(cfg.model)
     with pytest.raises(
-        CheckpointError, match="written by the deepspeed engine .* convert it first"
+        CheckpointError, match=r"deepspeed engine .* convert it first \(megalite-convert from-deep"
     ):
         load_model_weights(ds_ckpt, model, cfg.model)
     out = tmp_path / "converted"
-    convert_to_dcp(ds_ckpt, out)
+    assert megalite_convert(["from-deepspeed", str(ds_ckpt), str(out)]) == 0
     load_model_weights(out, model, cfg.model)
     val = ValSet(DataConfig(dir=str(tiny_data), seq_len=32), rank=0, world_size=1)
     with torch.no_grad():

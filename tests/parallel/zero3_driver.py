@@ -27,12 +27,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megalite.checkpoint import model_meta  # noqa: E402
+from megalite.compose import compose_config  # noqa: E402
 from megalite.model.transformer import build_model, canonical_name, count_params  # noqa: E402
 from megalite.optim import build_optimizer, param_groups  # noqa: E402
 from megalite.parallel import deepspeed as ds  # noqa: E402
 from megalite.parallel.dims import ParallelDims  # noqa: E402
-from megalite.train import compose_config  # noqa: E402
+from megalite.rundir import write_meta  # noqa: E402
 
 STEPS = 3
 SEQ = 16
@@ -92,8 +92,7 @@ def write_checkpoint(cfg, seed: int, path: Path) -> torch.nn.Module:
     model = build_model(cfg.model, loss=cfg.train.loss, seed=seed)
     if dist.get_rank() == 0:
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(path), no_dist=True)
-        meta = {"step": 0, "engine": "dcp", "model": model_meta(cfg.model)}
-        (path / "meta.json").write_text(json.dumps(meta))
+        write_meta(path, step=0, tokens=0, world_size=1, engine="dcp", model=cfg.model)
     dist.barrier()
     return model
 
