@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 
 from megalite import checkpoint
+from megalite.backends import ATTENTION, LOSS, NORM
 from megalite.config import Config, ConfigError
 from megalite.data.loader import check_dataset
 from megalite.devices import resolve_precision
@@ -137,6 +138,27 @@ def check_wandb(mode: str) -> None:
         ) from e
 
 
+def backends_the_device_cannot_run(cfg: Config, device_type: str) -> list[str]:
+    """A Triton kernel or flash-attn chosen on a CPU would fail at the first step, minutes in.
+    (TRITON_INTERPRET=1 runs Triton kernels on a CPU, slowly, to check their numerics: allowed.)"""
+    if device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    out = []
+    for choice, value in (
+        (ATTENTION, cfg.model.attention),
+        (NORM, cfg.model.norm),
+        (LOSS, cfg.train.loss),
+    ):
+        why = None if value == "auto" else choice.backends[value].needs_cuda
+        if why:
+            fallback = choice.auto(device_type, 1)
+            out.append(
+                f"{choice.key}={value} {why}; this run is on a CPU: use {choice.key}={fallback} "
+                "(or auto)"
+            )
+    return out
+
+
 def preflight(cfg: Config, world_size: int) -> Plan:
     """Runs every check; raises PreflightError listing all problems, or returns the Plan."""
     problems: list[str] = []
@@ -166,6 +188,7 @@ def preflight(cfg: Config, world_size: int) -> Plan:
         problems.append(
             "train.device=cuda but CUDA is not available here; use train.device=cpu or auto"
         )
+    problems += backends_the_device_cannot_run(cfg, device_type)
     manifest = attempt(check_dataset, cfg.data, cfg.model)
 
     def build_meta() -> Transformer:

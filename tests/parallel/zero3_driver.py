@@ -107,7 +107,7 @@ def weights_case(cfg, world: int, case: dict, tmp: Path) -> dict:
         ref = write_checkpoint(cfg, case["init_seed"], init_from)
     else:
         ref = build_model(cfg.model, loss=cfg.train.loss, seed=cfg.train.seed)
-    engine, _ = ds.build(cfg, dims, micro * world, CPU, init_from=init_from)
+    engine = ds.build(cfg, dims, micro * world, CPU, init_from=init_from).model
     got = gathered(engine.module)
     want = dict(ref.named_parameters())
     assert sorted(got) == sorted(want), (sorted(got), sorted(want))
