@@ -23,10 +23,9 @@ from omegaconf import OmegaConf
 
 from megalite import checkpoint
 from megalite.config import Config
-from megalite.data.common import DataError
 from megalite.data.loader import TrainStream, ValSet, verify_shard_hashes
 from megalite.engine import build_engine
-from megalite.errors import MegaliteError, TrainingError
+from megalite.errors import DataError, MegaliteError, TrainingError
 from megalite.memory import estimate_memory
 from megalite.metrics import (
     MetricsLogger,
