@@ -64,14 +64,15 @@ def test_no_collective_bypasses_the_helper():
 
 
 CUDA_GLOO = """
-import os, torch, torch.distributed as dist
-from megalite.parallel.distributed import DistInfo
+import os, sys, torch, torch.distributed as dist
 dist.init_process_group("cuda:gloo")
 try:
     dist.all_reduce(torch.ones(1))
-    print("NO ERROR")
+    result = "NO ERROR"
 except RuntimeError as e:
-    print("REFUSED:", e)
+    result = f"REFUSED: {e}"
+# One file per rank: the ranks' stdout lines would interleave.
+open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.txt"), "w").write(result)
 dist.destroy_process_group()
 """
 
@@ -82,12 +83,14 @@ def test_cuda_only_group_reproduces_the_nccl_rule(tmp_path):
     script = tmp_path / "cuda_gloo.py"
     script.write_text(CUDA_GLOO)
     res = run_cli(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script)],
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
         env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("REFUSED: No backend type associated with device type cpu") == 2
+    for rank in (0, 1):
+        got = (tmp_path / f"rank{rank}.txt").read_text()
+        assert got.startswith("REFUSED: No backend type associated with device type cpu"), got
 
 
 # ------------------------------------------------------- 2. reduction once per step
