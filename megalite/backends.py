@@ -108,6 +108,21 @@ LOSS = Choice(
     auto=lambda device_type, tp: "fused_linear" if device_type == "cuda" and tp == 1 else "torch",
 )
 
+
+def needing_cuda(
+    attention: str, norm: str, loss: str, device_type: str
+) -> list[tuple[Choice, str, str]]:
+    """(choice, value, why) for each chosen backend that needs a CUDA GPU this device is not."""
+    if device_type == "cuda":
+        return []
+    out = []
+    for choice, value in ((ATTENTION, attention), (NORM, norm), (LOSS, loss)):
+        backend = choice.backends.get(choice.resolve(value, device_type))
+        if backend is not None and backend.needs_cuda:
+            out.append((choice, value, backend.needs_cuda))
+    return out
+
+
 # parallel.activation_checkpointing, per transformer block (parallel/checkpointing.py): none;
 # selective keeps the matmul, attention and reduce-scatter outputs and recomputes the cheap
 # elementwise ops; full recomputes the whole block in backward.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from megalite.backends import AC_MODES, ATTENTION, LOSS, NORM
+from megalite.backends import AC_MODES, ATTENTION, LOSS, NORM, needing_cuda
 from megalite.devices import PRECISIONS
 from megalite.errors import ConfigError
 
@@ -207,13 +207,12 @@ def expand(grid: GridConfig) -> list[Cell]:
 
 def skip_reason(cell: Cell, device_type: str) -> str | None:
     """Why a cell cannot run on this device, before trying (kernels that need a GPU)."""
-    if device_type == "cuda":
-        return None  # a missing package shows up as BackendUnavailableError when building
-    for choice, value in ((ATTENTION, cell.attention), (NORM, cell.norm), (LOSS, cell.loss)):
-        backend = choice.backends.get(choice.resolve(value, device_type))
-        if backend is not None and backend.needs_cuda:
-            return f"{choice.key}={value} {backend.needs_cuda}"
-    return None
+    # On CUDA a missing package shows up as BackendUnavailableError when building.
+    found = needing_cuda(cell.attention, cell.norm, cell.loss, device_type)
+    if not found:
+        return None
+    choice, value, why = found[0]
+    return f"{choice.key}={value} {why}"
 
 
 # ---------------------------------------------------------------------------------- data

@@ -18,6 +18,8 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,11 +161,19 @@ def check_compatible(path: Path, cfg: ModelConfig, engine: str | None = None) ->
     return meta
 
 
+@contextmanager
+def quiet_dcp() -> Iterator[None]:
+    """DCP outside a process group warns that it saves / loads from one process: intended here
+    (world size 1, conversions, inference)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Model + optimizer as DCP files (unsharded FQNs: loadable under any layout)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_dcp():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
 
 
@@ -171,8 +181,7 @@ def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path
     """Loads model + optimizer in place, resharding to the current layout."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
@@ -264,8 +273,7 @@ def load_model_weights(path: Path, model: nn.Module, model_cfg: ModelConfig) -> 
     `megalite-convert`), for `train.init_from`: optimizer, step and data position start fresh."""
     meta = check_compatible(path, model_cfg, engine="dcp")
     state = {"model": get_model_state_dict(model)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     return meta

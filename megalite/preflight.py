@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import torch
 
 from megalite import checkpoint
-from megalite.backends import ATTENTION, LOSS, NORM
+from megalite.backends import needing_cuda
 from megalite.config import Config, ConfigError
 from megalite.data.loader import check_dataset
 from megalite.devices import resolve_precision
@@ -141,22 +141,14 @@ def check_wandb(mode: str) -> None:
 def backends_the_device_cannot_run(cfg: Config, device_type: str) -> list[str]:
     """A Triton kernel or flash-attn chosen on a CPU would fail at the first step, minutes in.
     (TRITON_INTERPRET=1 runs Triton kernels on a CPU, slowly, to check their numerics: allowed.)"""
-    if device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return []
-    out = []
-    for choice, value in (
-        (ATTENTION, cfg.model.attention),
-        (NORM, cfg.model.norm),
-        (LOSS, cfg.train.loss),
-    ):
-        why = None if value == "auto" else choice.backends[value].needs_cuda
-        if why:
-            fallback = choice.auto(device_type, 1)
-            out.append(
-                f"{choice.key}={value} {why}; this run is on a CPU: use {choice.key}={fallback} "
-                "(or auto)"
-            )
-    return out
+    m = cfg.model
+    return [
+        f"{choice.key}={value} {why}; this run is on a CPU: use "
+        f"{choice.key}={choice.auto(device_type, 1)} (or auto)"
+        for choice, value, why in needing_cuda(m.attention, m.norm, cfg.train.loss, device_type)
+    ]
 
 
 def preflight(cfg: Config, world_size: int) -> Plan:

@@ -120,6 +120,16 @@ def tiny_train_overrides(data_dir: Path, run_dir: Path, **train) -> list[str]:
     ]
 
 
+def run_torchrun(nproc: int, args: list[str], *, env: dict | None = None, timeout: int = 600):
+    """`torchrun --standalone --nproc_per_node=<nproc> <args>`: real gloo ranks on this machine,
+    one CPU thread each (two ranks share two cores), with the repo importable by the script."""
+    return run_cli(
+        [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *args],
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})},
+        timeout=timeout,
+    )
+
+
 def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 600, cwd=None):
     """Runs a console script or `python -m ...` and returns the CompletedProcess."""
     full_env = dict(os.environ, **(env or {}))

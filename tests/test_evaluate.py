@@ -16,7 +16,7 @@ from megalite.config import ModelConfig
 from megalite.data.common import DataError
 from megalite.evaluate import evaluate, main
 from megalite.metrics import read_metrics
-from tests.conftest import BIN, REPO, compose, run_cli, tiny_train_overrides
+from tests.conftest import BIN, REPO, compose, run_cli, run_torchrun, tiny_train_overrides
 from tests.interop.helpers import random_checkpoint
 
 # Between 33 and 65 tokens with the fixture's tokenizer: two windows of 32, or one of 64.
@@ -144,12 +144,7 @@ def test_sharded_checkpoints_evaluate_to_the_val_loss_their_run_logged(small_dat
     ]
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
-    res = run_cli(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests/parallel/driver.py"), str(spec)],
-        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-        timeout=900,
-    )  # fmt: skip
+    res = run_torchrun(2, [str(REPO / "tests/parallel/driver.py"), str(spec)], timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     for name, run_dir in runs.items():
         meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())

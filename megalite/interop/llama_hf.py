@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megalite.checkpoint import quiet_dcp
 from megalite.config import ModelConfig
 from megalite.errors import InteropError
 from megalite.interop.llama_map import (
@@ -138,9 +138,7 @@ def write_checkpoint(
 
     want = expected_shapes(cfg)
     assert set(sd) == set(want), sorted(set(sd) ^ set(want))
-    with warnings.catch_warnings():
-        # Without a process group DCP warns that it saves from a single process: intended.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_dcp():
         dcp.save({"model": sd}, checkpoint_id=str(out))
     write_meta(out, step=0, tokens=0, world_size=1, engine="dcp", model=cfg, **extra_meta)
 

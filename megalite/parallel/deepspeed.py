@@ -205,15 +205,13 @@ def _write_full(
         for name, p in params.items():
             p.copy_(model.initial_value(name, p.shape, p.device, torch.float32, seed))
         return
-    import warnings
 
     import torch.distributed.checkpoint as dcp
 
     full = {
         n: torch.empty(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()
     }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with checkpoint.quiet_dcp():
         # This rank alone reads: no_dist keeps DCP from running collectives on the others.
         dcp.load({"model": full}, checkpoint_id=str(init_from), no_dist=True)
     for name, p in params.items():
@@ -271,7 +269,6 @@ def convert_to_dcp(ds_dir: Path, out: Path) -> dict[str, Any]:
     """A DeepSpeed ZeRO checkpoint (a step_N dir written by megalite) -> a DCP checkpoint of
     the fp32 model weights, loadable under any layout (`train.init_from`, `megalite-eval`).
     Returns the meta.json written. `megalite-convert from-deepspeed` runs it."""
-    import warnings
 
     import torch.distributed.checkpoint as dcp
 
@@ -293,8 +290,7 @@ def convert_to_dcp(ds_dir: Path, out: Path) -> dict[str, Any]:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with checkpoint.quiet_dcp():
         dcp.save({"model": {k: v.float() for k, v in state.items()}}, checkpoint_id=str(tmp))
     recorded = ("step", "tokens", "world_size", "engine", "model")
     extra = {k: v for k, v in meta.items() if k not in recorded}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, TINY_MODEL, run_cli
+from tests.conftest import REPO, TINY_MODEL, run_torchrun
 
 FP32_RTOL = 1e-5
 BASE = [*TINY_MODEL, "data.seq_len=32", "parallel=fsdp", "train.precision=fp32"]
@@ -68,17 +68,9 @@ def layouts(tmp_path_factory) -> dict:
             ]
         )
     )
-    res = run_cli(
-        [
-            str(BIN / "torchrun"),
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "tests/parallel/fsdp_units_driver.py"),
-            str(spec),
-            str(out),
-        ],
-        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"},
-        timeout=900,
+    driver = REPO / "tests/parallel/fsdp_units_driver.py"
+    res = run_torchrun(
+        2, [str(driver), str(spec), str(out)], env={"TRITON_INTERPRET": "1"}, timeout=900
     )
     (tmp / "torchrun.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-4000:]

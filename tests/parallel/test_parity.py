@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from megalite.metrics import read_metrics
-from tests.conftest import BIN, REPO, compose, run_cli, tiny_train_overrides
+from tests.conftest import REPO, compose, run_torchrun, tiny_train_overrides
 
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="pip install megalite[deepspeed]")
@@ -65,17 +65,7 @@ def single(data: Path, run: Path, *extra: str, **train) -> Path:
 def torchrun(n: int, cases: list[list[str]], tmp: Path) -> None:
     spec = tmp / f"cases_{n}.json"
     spec.write_text(json.dumps(cases))
-    res = run_cli(
-        [
-            str(BIN / "torchrun"),
-            "--standalone",
-            f"--nproc_per_node={n}",
-            str(REPO / "tests/parallel/driver.py"),
-            str(spec),
-        ],
-        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-        timeout=1500,
-    )
+    res = run_torchrun(n, [str(REPO / "tests/parallel/driver.py"), str(spec)], timeout=1500)
     (tmp / f"torchrun_{n}.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "terminate called" not in res.stderr

@@ -13,20 +13,14 @@ import json
 
 import pytest
 
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import REPO, TINY_MODEL, run_torchrun
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="pip install megalite[deepspeed]"
 )
 FP32_RTOL = 1e-5
 TINY = [
-    "model.vocab_size=512",
-    "model.dim=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.ffn_dim=128",
-    "model.max_seq_len=64",
+    *TINY_MODEL,
     "data.seq_len=32",
     "parallel=zero3",
     "train.loss=torch",
@@ -56,17 +50,9 @@ LARGE = [
 def torchrun(n: int, cases: list[dict], tmp, **env: str) -> dict:
     spec, out = tmp / f"cases_{n}.json", tmp / f"out_{n}.json"
     spec.write_text(json.dumps(cases))
-    res = run_cli(
-        [
-            str(BIN / "torchrun"),
-            "--standalone",
-            f"--nproc_per_node={n}",
-            str(REPO / "tests/parallel/zero3_driver.py"),
-            str(spec),
-            str(out),
-        ],
-        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", **env},
-        timeout=1200,
+    driver = REPO / "tests/parallel/zero3_driver.py"
+    res = run_torchrun(
+        n, [str(driver), str(spec), str(out)], env={"DS_ACCELERATOR": "cpu", **env}, timeout=1200
     )
     (tmp / f"torchrun_{n}.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-4000:]
