@@ -32,15 +32,16 @@ from tests.launch.slurm_cluster import SlurmCluster
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def submit(slurm: SlurmCluster, workdir: Path, name: str, overrides: list[str]) -> str:
-    """`megalite-launch slurm` for the two test nodes (one CPU worker each); returns the job id."""
+def submit(slurm: SlurmCluster, workdir: Path, name: str, overrides: list[str], **env: str) -> str:
+    """`megalite-launch slurm` for the two test nodes (one CPU worker each); returns the job id.
+    `env` reaches the job (sbatch passes the submitting environment on)."""
     res = run_cli(
         [
             LAUNCH, "slurm", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1",
             "--time", "20", "--signal-grace", "60", "--job-name", name,
             "--output-dir", str(workdir / "logs"), "--", *overrides,
         ],
-        env={"SLURM_CONF": str(slurm.conf), **FINGERPRINT},
+        env={"SLURM_CONF": str(slurm.conf), **FINGERPRINT, **env},
         cwd=workdir,
         timeout=120,
     )  # fmt: skip
@@ -92,18 +93,21 @@ def test_sigusr1_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(
     slurm, tiny_data, tmp_path, reference
 ):
     """`scancel --signal=USR1 <job>` signals every job step and not the batch shell, which is
-    what `#SBATCH --signal=USR1@<grace>` does before the time limit."""
+    what `#SBATCH --signal=USR1@<grace>` does before the time limit. The moment is the test's:
+    rank 0 blocks at the start of step HOLD (a failpoint; rank 1 then waits for it in that step's
+    first collective) until the signal arrives, so both ranks stop after step HOLD."""
+    hold = 5
     run = tmp_path / "run"
-    job_id = submit(slurm, tmp_path, "usr1", launch_overrides(tiny_data, run))
-    # The trainer is in its loop (its signal handlers are installed) and far from the end.
-    wait_for(lambda: last_step(run) >= 3, 600, "step 3 of the job")
+    fault = f"wait_at_step={hold},fault_rank=0"
+    job_id = submit(slurm, tmp_path, "usr1", launch_overrides(tiny_data, run), MEGALITE_FAULT=fault)
+    wait_for((run / "FAILPOINT_WAITING").exists, 600, f"the job to hold at step {hold}")
     slurm.run(["scancel", "--signal=USR1", job_id])
     info = wait_finished(slurm, job_id)
     log = job_log(tmp_path, "usr1", job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     marker = preemption_marker(log)
     k = marker["step"]
-    assert marker["signal"] == "SIGUSR1" and 3 <= k < STEPS
+    assert marker["signal"] == "SIGUSR1" and k == hold
     # A signal that meets a periodic checkpoint reuses it instead of writing the step twice.
     what = "newest checkpoint" if k % CKPT_EVERY == 0 else "checkpointed"
     assert f"SIGUSR1: {what} {run}/checkpoints/step_{k:08d} at step {k}" in log
