@@ -29,6 +29,16 @@ INSTALL_REQUIRES = [
     "wandb>=0.19",
     "rich>=13",
     "matplotlib>=3.8",
+    "scipy>=1.11",  # megalite-scale fits (L-BFGS, Huber loss)
+    "torchao==0.18.0",  # train.float8 (torchao.float8)
+    "datasketch==2.0.0",  # MinHash + LSH near-duplicate removal
+    "langid==1.1.6",  # language identification; its model ships inside the package
+    "fasttext-numpy2-wheel==0.9.2",  # quality classifier (fastText), numpy-2 build
+    "lm-eval==0.4.13",  # megalite-eval harness
+    # lm-eval pulls `datasets`, whose newest releases want huggingface-hub 1.x, which
+    # transformers 4.x and tokenizers 0.22 refuse: hold both at versions that agree.
+    "huggingface-hub>=0.34,<1.0",
+    "datasets>=2.16,<4.1",
 ]
 
 EXTRAS = {
@@ -61,6 +71,7 @@ setup(
         "megalite.data",
         "megalite.parallel",
         "megalite.interop",
+        "megalite.scale",
         "megalite.kernels",
         "megalite.conf",
         "megalite.launch_templates",
@@ -89,6 +100,7 @@ setup(
             "megalite-plan=megalite.plan:main",
             "megalite-launch=megalite.launch:main",
             "megalite-gpu-check=megalite.gpu_check:main",
+            "megalite-scale=megalite.scale.cli:main",
         ]
     },
 )

@@ -1,0 +1,1 @@
+"""megalite-scale: IsoFLOP scaling studies (plan -> run -> fit -> recommend)."""
