@@ -1,0 +1,84 @@
+"""Context parallelism trains the same model as one process, through the real trainer: 512-token
+sequences split over 2 ranks (Ulysses all-to-all on gloo), alone, with FSDP over dp_shard x cp,
+with HSDP and full activation checkpointing, and with tensor parallelism.
+
+Two torchrun jobs (4 ranks, then 2), per-step losses and validation losses compared with one
+process on the same global batch, as tests/parallel/test_parity.py does for the other layouts and
+with its fp32 tolerance (1e-5 relative): context parallelism changes only the order of sums (the
+cp average of shard losses and gradients), ~1e-7 per op. The issue asks for "the bf16 tolerance"
+(1e-3); fp32 at 1e-5 is the stricter check.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel.test_parity import FP32_RTOL, assert_same, overrides, single, torchrun
+
+SEQ = 512
+# The tiny model (tests/conftest.py TINY_MODEL) at 512 positions, with 4 kv heads so that one
+# reference serves every case: Ulysses under cp x tp = 4 splits kv heads 4 ways. (Grouped-query
+# attention under cp: tests/parallel/test_context_parallel.py.)
+LONG = [f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", "model.n_kv_heads=4"]
+
+
+@pytest.fixture(scope="module")
+def data512(tiny_corpus, tmp_path_factory):
+    """The tiny corpus packed into samples of 512 + 1 tokens."""
+    from megalite.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("data512") / "tiny512"
+    prepare(
+        PrepareOptions(
+            inputs=[str(tiny_corpus)], out=str(out), seq_len=SEQ, vocab_size=512, val_fraction=0.25
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(data512, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cp_parity")
+    r = {name: tmp / name for name in ("cp2_dp2", "cp2_tp2", "cp2_hsdp_ac", "cp2", "single")}
+    d = data512
+    # 2 sequences per micro-batch over the data-parallel ranks in every layout (the ranks of a
+    # cp group read the same ones), 2 micro-batches per step.
+    torchrun(
+        4,
+        [
+            overrides(d, r["cp2_dp2"], 1, "parallel=fsdp", "parallel.cp=2", *LONG),
+            overrides(
+                d,
+                r["cp2_tp2"],
+                2,
+                "parallel=fsdp_tp",
+                "parallel.tp=2",
+                "parallel.cp=2",
+                "parallel.dp_shard=1",
+                *LONG,
+            ),
+            overrides(
+                d,
+                r["cp2_hsdp_ac"],
+                1,
+                "parallel=hsdp",
+                "parallel.dp_replicate=2",
+                "parallel.dp_shard=1",
+                "parallel.cp=2",
+                "parallel.activation_checkpointing=full",
+                *LONG,
+            ),
+        ],
+        tmp,
+    )
+    torchrun(2, [overrides(d, r["cp2"], 2, "parallel=fsdp", "parallel.cp=2", *LONG)], tmp)
+    single(d, r["single"], *LONG, "train.micro_batch_size=2")
+    return r
+
+
+@pytest.mark.slow
+@pytest.mark.world_size(4)
+@pytest.mark.parametrize("name", ["cp2", "cp2_dp2", "cp2_tp2", "cp2_hsdp_ac"])
+def test_context_parallel_matches_single_process(runs, name):
+    worst = assert_same(runs[name], runs["single"], FP32_RTOL)
+    print(f"{name}: max relative loss difference to one process {worst:.2e}")
