@@ -5,7 +5,8 @@ loader   TrainStream (mosaicml-streaming, shuffled, one process, num_workers=0) 
          in tokens/s, and a numpy memmap of the same samples read in a shuffled order into the
          same int64 (inputs, targets) tensors; the ratio loader / memmap is the cost of streaming.
 prepare  the whole pipeline on the embedded Shakespeare corpus (5 MB) with 2 worker processes,
-         with BPE training and with a given tokenizer (tokenize + pack + write only).
+         with BPE training, with a given tokenizer (tokenize + pack + write only), and with BPE
+         training plus the quality stages (near-dedup, PII, langid; docs/data.md).
 
 Medians of --runs runs; rows go to benchmarks/results/data_{loader,prepare}.csv with the git SHA,
 device and time.
@@ -31,7 +32,9 @@ SEQ_LEN = 128
 MICRO_BATCH = 16
 
 
-def prepared(root: Path, workers: int, tokenizer: str | None = None) -> tuple[Path, dict]:
+def prepared(
+    root: Path, workers: int, tokenizer: str | None = None, **stages: object
+) -> tuple[Path, dict]:
     from megalite.data.prepare import PrepareOptions, prepare
 
     out = root / f"shakespeare-{time.time_ns()}"
@@ -44,6 +47,7 @@ def prepared(root: Path, workers: int, tokenizer: str | None = None) -> tuple[Pa
             tokenizer=tokenizer,
             workers=workers,
             progress=False,
+            **stages,
         )
     )
     return out, manifest
@@ -115,13 +119,16 @@ def bench_loader(root: Path, runs: int, batches: int) -> None:
 
 def bench_prepare(root: Path, runs: int) -> None:
     rows = []
-    for kind in ("train BPE", "given tokenizer"):
+    # The quality stages on top of BPE training: near-dedup, PII placeholders, language id.
+    stages = {"near_dedup": True, "pii": True, "languages": ["en"]}
+    for kind in ("train BPE", "given tokenizer", "train BPE + near-dedup, PII, langid"):
         mb_s, seconds, tokenizer = [], [], None
         if kind == "given tokenizer":
             first, _ = prepared(root, workers=2)
             tokenizer = str(first / "tokenizer.json")
+        extra = stages if "near-dedup" in kind else {}
         for _ in range(runs):
-            _, m = prepared(root, workers=2, tokenizer=tokenizer)
+            _, m = prepared(root, workers=2, tokenizer=tokenizer, **extra)
             mb_s.append(m["mb_per_s"])
             seconds.append(m["seconds"])
         rows.append(

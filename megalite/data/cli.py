@@ -3,6 +3,11 @@
 megalite-data prepare shakespeare --out data/shakespeare --seq-len 128 --vocab-size 4096
 megalite-data prepare web/*.jsonl.zst books.parquet --text-field text --gopher --out data/web
 megalite-data prepare my_corpus/ --tokenizer cl100k_base.tiktoken --out data/mine --workers 8
+megalite-data prepare web/ --near-dedup --pii --languages en --decontaminate evals/ --out data/web
+megalite-data prepare web/ --tasks 64 --executor slurm --partition cpu --out /shared/data/web
+megalite-data train-quality --positive wiki/ --negative spam/ --out quality.bin
+megalite-data report data/web                     # removed per stage: table + removed.png
+megalite-data mixture data/a=0.7 data/b=0.3 --tokens 2e9   # effective tokens per source
 megalite-data stats data/shakespeare [--verify] [--json]
 """
 
@@ -12,12 +17,11 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from megalite.data.common import read_manifest
-from megalite.data.filters import GOPHER, FilterOptions
-from megalite.data.prepare import PrepareOptions, default_workers, prepare
+from megalite.data.prepare import default_workers
+from megalite.data.prepare_cli import add_stage_flags, add_task_flags, run_prepare
 from megalite.errors import MegaliteError, cli_error
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
@@ -40,35 +44,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("prepare", help="filter, dedup, tokenize, pack and write MDS shards")
+    S = argparse.SUPPRESS  # unset flags stay unset: --config and the defaults fill them
     pr.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
+        default=S,
         help=".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files, folders of them, or "
         "'shakespeare' (the embedded demo corpus)",
     )
-    pr.add_argument("--out", required=True, help="output dataset dir (the trainer's data.dir)")
-    pr.add_argument("--seq-len", type=int, default=128)
-    pr.add_argument("--val-fraction", type=float, default=0.05, help="held-out documents")
-    pr.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    pr.add_argument("--config", help="a YAML file of prepare options (the names below, with _)")
+    pr.add_argument("--out", default=S, help="output dataset dir (the trainer's data.dir)")
+    pr.add_argument(
+        "--seq-len",
+        type=int,
+        default=S,
+        help="tokens per training sample, packed as seq_len + 1; the trainer's data.seq_len (128)",
+    )
+    pr.add_argument("--val-fraction", type=float, default=S, help="held-out documents (0.05)")
+    pr.add_argument("--seed", type=int, default=S, help="seed of the train/val split")
     g = pr.add_argument_group("reading")
-    g.add_argument("--text-field", default="text", help="JSON field / parquet column of text")
+    g.add_argument("--text-field", default=S, help="JSON field / parquet column of text")
     g.add_argument(
         "--on-bad-utf8",
         choices=("error", "replace", "skip"),
-        default="error",
-        help="bytes that are not UTF-8: stop with an error, replace with U+FFFD, or drop the "
-        "document",
+        default=S,
+        help="bytes that are not UTF-8: stop with an error (default), replace with U+FFFD, or "
+        "drop the document",
     )
     g = pr.add_argument_group("tokenizer")
-    g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when training")
+    g.add_argument("--vocab-size", type=int, default=S, help="BPE vocabulary when training")
     g.add_argument(
-        "--tokenizer", help="use this tokenizer.json or tiktoken encoding file instead of training"
+        "--tokenizer",
+        default=S,
+        help="use this tokenizer.json or tiktoken encoding file instead of training",
     )
-    g.add_argument("--tiktoken-pattern", help="pre-tokenization regex of a tiktoken file")
-    g.add_argument("--eos-token", default="<|endoftext|>", help="the end-of-document token")
+    g.add_argument(
+        "--tiktoken-pattern", default=S, help="pre-tokenization regex of a tiktoken file"
+    )
+    g.add_argument("--eos-token", default=S, help="the end-of-document token")
     g.add_argument(
         "--special-tokens",
-        default="",
+        default=S,
         help="comma-separated special tokens to add besides --eos-token",
     )
     g = pr.add_argument_group("quality filters (Gopher heuristics; all off unless given)")
@@ -80,42 +96,41 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-symbol-ratio", type=float, help="(# and ellipses) per word")
     g.add_argument("--max-ellipsis-lines", type=float, help="fraction of lines ending in ...")
     g.add_argument("--max-bullet-lines", type=float, help="fraction of lines starting with •")
-    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    add_stage_flags(pr)
     g = pr.add_argument_group("output")
-    g.add_argument("--doc-boundaries", action="store_true", help="write a doc_starts column")
-    g.add_argument("--compression", default=None, help="shard compression, e.g. zstd")
-    g.add_argument("--shard-size", type=parse_bytes, default=1 << 26, help="e.g. 64MB")
-    g.add_argument("--workers", type=int, default=default_workers(), help="tokenizer processes")
+    g.add_argument("--doc-boundaries", action="store_true", default=S, help="doc_starts column")
+    g.add_argument("--compression", default=S, help="shard compression, e.g. zstd")
+    g.add_argument("--shard-size", type=parse_bytes, default=S, help="e.g. 64MB")
+    g.add_argument(
+        "--workers", type=int, default=S, help=f"processes per task ({default_workers()})"
+    )
     g.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=S,
         help="progress bars (default: when stderr is a terminal)",
     )
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
+    g.add_argument("--overwrite", action="store_true", default=S, help="replace --out")
+    add_task_flags(pr)
     st = sub.add_parser("stats", help="summarize a prepared dataset")
     st.add_argument("dir")
     st.add_argument("--json", action="store_true", help="print the summary as JSON")
     st.add_argument("--verify", action="store_true", help="check every shard's sha1 too")
+    tq = sub.add_parser("train-quality", help="train the fastText quality classifier")
+    tq.add_argument("--positive", nargs="+", required=True, help="high-quality documents")
+    tq.add_argument("--negative", nargs="+", required=True, help="low-quality documents")
+    tq.add_argument("--out", required=True, help="the model file to write, e.g. quality.bin")
+    tq.add_argument("--epochs", type=int, default=10)
+    tq.add_argument("--text-field", default="text", help="JSON field of the text")
+    rp = sub.add_parser("report", help="what prepare removed, per stage: table + bar plot")
+    rp.add_argument("dir")
+    rp.add_argument("--plot", help="where to write the bar plot (<dir>/removed.png)")
+    mx = sub.add_parser("mixture", help="effective tokens and epochs per source of a mixture")
+    mx.add_argument("sources", nargs="+", metavar="DIR=WEIGHT", help="prepared datasets")
+    mx.add_argument(
+        "--tokens", type=float, help="training tokens in all (default: one pass of all)"
+    )
     return p
-
-
-def _filters(args: argparse.Namespace) -> FilterOptions:
-    f = replace(GOPHER) if args.gopher else FilterOptions()
-    if args.min_chars is not None:
-        f.min_chars = args.min_chars
-    for name in ("min_words", "max_words"):
-        if getattr(args, name) is not None:
-            setattr(f, name, getattr(args, name))
-    if args.mean_word_length is not None:
-        f.min_mean_word_length, f.max_mean_word_length = args.mean_word_length
-    if args.max_symbol_ratio is not None:
-        f.max_symbol_word_ratio = args.max_symbol_ratio
-    if args.max_ellipsis_lines is not None:
-        f.max_ellipsis_line_fraction = args.max_ellipsis_lines
-    if args.max_bullet_lines is not None:
-        f.max_bullet_line_fraction = args.max_bullet_lines
-    return f
 
 
 def summary(data_dir: str | Path) -> dict:
@@ -185,43 +200,45 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            specials = [args.eos_token] + [
-                t for t in args.special_tokens.split(",") if t and t != args.eos_token
-            ]
-            m = prepare(
-                PrepareOptions(
-                    inputs=args.inputs,
-                    out=args.out,
-                    seq_len=args.seq_len,
-                    vocab_size=args.vocab_size,
-                    val_fraction=args.val_fraction,
-                    tokenizer=args.tokenizer,
-                    tiktoken_pattern=args.tiktoken_pattern,
-                    eos_token=args.eos_token,
-                    special_tokens=specials,
-                    text_field=args.text_field,
-                    on_bad_utf8=args.on_bad_utf8,
-                    filters=_filters(args),
-                    dedup=not args.no_dedup,
-                    doc_boundaries=args.doc_boundaries,
-                    overwrite=args.overwrite,
-                    compression=args.compression,
-                    shard_size_limit=args.shard_size,
-                    seed=args.seed,
-                    workers=args.workers,
-                    progress=args.progress,
+            m = run_prepare(args, argv)
+            if m is not None:
+                dropped = sum(
+                    m["removed"].get(k, {}).get("documents", 0)
+                    for k in m["removed"]
+                    if k not in ("exact_dedup", "near_dedup")
                 )
+                print(
+                    f"wrote {m['options']['out']}: {m['documents_in']:,} documents in, "
+                    f"{dropped:,} filtered, {m['duplicates_removed']:,} duplicates, "
+                    f"{m['near_duplicates_removed']:,} near-duplicates; "
+                    f"{m['documents']['train']} train / "
+                    f"{m['documents']['val']} val documents, {m['tokens']['train']:,} / "
+                    f"{m['tokens']['val']:,} tokens, {m['samples']['train']:,} / "
+                    f"{m['samples']['val']:,} samples of {m['seq_len']}+1, vocab "
+                    f"{m['vocab_size']}, unigram val loss {m['unigram_val_loss']} nats "
+                    f"({m['seconds']} s, {m['mb_per_s']} MB/s)"
+                )  # fmt: skip
+        elif args.command == "train-quality":
+            from megalite.data.quality import train_quality
+
+            meta = train_quality(
+                args.positive, args.negative, args.out, args.epochs, text_field=args.text_field
             )
-            dropped = sum(m["dropped"].values())
             print(
-                f"wrote {args.out}: {m['documents_in']:,} documents in, {dropped:,} filtered, "
-                f"{m['duplicates_removed']:,} duplicates; {m['documents']['train']} train / "
-                f"{m['documents']['val']} val documents, {m['tokens']['train']:,} / "
-                f"{m['tokens']['val']:,} tokens, {m['samples']['train']:,} / "
-                f"{m['samples']['val']:,} samples of {m['seq_len']}+1, vocab {m['vocab_size']}, "
-                f"unigram val loss {m['unigram_val_loss']} nats ({m['seconds']} s, "
-                f"{m['mb_per_s']} MB/s)"
+                f"wrote {args.out} ({meta['documents']['positive']} positive, "
+                f"{meta['documents']['negative']} negative documents; held-out accuracy "
+                f"{meta['heldout_accuracy']}; sha256 {meta['sha256'][:12]})"
             )
+        elif args.command == "report":
+            from megalite.data.removed import report
+
+            table, plot = report(args.dir, args.plot)
+            print(table)
+            print(f"\nbar plot: {plot}")
+        elif args.command == "mixture":
+            from megalite.data.mixture import mixture_table, parse_sources
+
+            print(mixture_table(parse_sources(args.sources), args.tokens))
         else:
             s = summary(args.dir)
             if args.verify:

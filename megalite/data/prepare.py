@@ -4,13 +4,16 @@ samples -> mosaicml-streaming MDS shards + manifest.json (layout: `megalite/data
 The inputs are read in three passes, so memory stays proportional to the number of documents,
 never to their text:
 
-1. scan: decode (non-UTF-8 policy), quality filters (`filters.py`), exact dedup of normalized
-   text (first occurrence wins) and the document's split hash;
+1. scan, as `tasks` independent tasks over the input files (tasks.py): decode, blocklist,
+   Gopher heuristics, language, quality classifier, PII scrubbing, decontamination (scan.py),
+   each survivor's exact-dedup key, split hash and MinHash signature; then the merge: exact
+   and near duplicates removed across all tasks (first occurrence kept; dedup.py), and every
+   removed document listed in removed.jsonl (removed.py);
 2. train the BPE tokenizer on the training documents (skipped when `--tokenizer` is given);
 3. tokenize, pack (`pack.py`) and write the shards of each split.
 
 Passes 1 and 3 run in `workers` processes on chunks of consecutive documents whose results are
-consumed in input order, so the output is byte-identical for any number of workers.
+consumed in input order, so the output is byte-identical for any number of workers or tasks.
 
 The split is by document: the `val_fraction` of kept documents with the lowest hash of
 (seed, key) go to validation (at least one, and at least one left for training), so no validation
@@ -22,18 +25,13 @@ interrupted run leaves nothing half-written, and an existing dataset is replaced
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,25 +40,21 @@ import numpy as np
 from megalite.data.common import (
     EOS,
     FORMAT,
-    INDEX,
     MANIFEST,
     TOKENIZER,
     DataError,
     file_sha256,
     read_manifest,
 )
-from megalite.data.filters import FILTERS, FilterOptions, dedup_key, quality_verdict
-from megalite.data.pack import Packer, SplitWriter, unigram_loss
-from megalite.data.readers import (
-    UTF8_POLICIES,
-    InputFile,
-    RawDoc,
-    decode,
-    discover,
-    iter_raw,
-    shakespeare_dir,
-)
+from megalite.data.filters import FILTERS, FilterOptions
+from megalite.data.quality import versioned_name
+from megalite.data.readers import UTF8_POLICIES, InputFile, discover, shakespeare_dir
+from megalite.data.removed import REMOVED, write_removed
+from megalite.data.scan import STAGES, build_settings
+from megalite.data.shards import shard_stats, train_texts, write_shards
+from megalite.data.tasks import VAL, Merged, Plan, make_plan, merge, run_local, run_task
 from megalite.data.tokenizer import load_tokenizer, train_bpe, vocab_size
+from megalite.data.workers import Bars, worker_pool
 
 __all__ = [
     "EOS",
@@ -74,14 +68,11 @@ __all__ = [
     "shakespeare_dir",
 ]
 
-TRAIN, VAL = 1, 2  # per-document decisions; 0 = dropped
-CHUNK_DOCS = 256
-CHUNK_BYTES = 1 << 20
-VAL_NAMES_LISTED = 100
-
 
 @dataclass
 class PrepareOptions:
+    """Every option of `megalite-data prepare`; a `--config` YAML file uses the same names."""
+
     inputs: list[str]
     out: str
     seq_len: int = 128
@@ -97,12 +88,32 @@ class PrepareOptions:
     on_bad_utf8: str = "error"  # error | replace | skip
     filters: FilterOptions = field(default_factory=FilterOptions)
     dedup: bool = True
+    # MinHash + LSH near-duplicate removal (dedup.py documents the parameters).
+    near_dedup: bool = False
+    near_dedup_threshold: float = 0.8
+    near_dedup_ngram: int = 5
+    near_dedup_num_perm: int = 128
+    # Keep documents in these languages (ISO 639-1) with langid probability >= the threshold.
+    languages: list[str] | None = None
+    language_threshold: float = 0.5
+    # A fastText model from `megalite-data train-quality`; keep P(hq) >= quality_threshold.
+    quality_model: str | None = None
+    quality_threshold: float = 0.5
+    pii: bool = False  # replace e-mails, IP addresses and phone numbers by placeholders
+    blocklist: str | None = None  # a file of blocked domains / URLs
+    url_field: str = "url"  # the JSON field holding a document's URL
+    decontaminate: list[str] = field(default_factory=list)  # evaluation sets
+    decontam_ngram: int = 13
     doc_boundaries: bool = False  # also write a `doc_starts` column
     overwrite: bool = False
     compression: str | None = None  # any mosaicml-streaming compression, e.g. zstd
     shard_size_limit: int = 1 << 26
     seed: int = 0
     workers: int = 1
+    # Independent scan tasks over the input files (tasks.py), and where their results go
+    # (None: .<out name>.tasks beside --out).
+    tasks: int = 1
+    work_dir: str | None = None
     progress: bool | None = None  # None: on when stderr is a terminal
 
 
@@ -119,6 +130,8 @@ def _check_options(opts: PrepareOptions) -> Path:
         raise DataError(f"--val-fraction={opts.val_fraction} must be in [0, 1)")
     if opts.workers < 1:
         raise DataError(f"--workers={opts.workers} must be >= 1")
+    if opts.tasks < 1:
+        raise DataError(f"--tasks={opts.tasks} must be >= 1")
     if opts.shard_size_limit < 1:
         raise DataError(f"--shard-size={opts.shard_size_limit} must be a positive byte count")
     if opts.on_bad_utf8 not in UTF8_POLICIES:
@@ -149,206 +162,33 @@ def _special_tokens(opts: PrepareOptions) -> list[str]:
     return specials
 
 
-# --------------------------------------------------------------------------------- workers
-# Per-process state of a worker (or of the main process when workers=1).
-_WORKER: dict = {}
+def _plan(opts: PrepareOptions) -> tuple[Path, list[InputFile], int, Plan, dict]:
+    """Checks everything and plans the tasks; raises DataError before any expensive work."""
+    out = _check_options(opts)
+    files, ignored = discover(opts.inputs, opts.text_field)
+    settings, fingerprint, entries = build_settings(opts)
+    plan = make_plan(files, opts.tasks, out, settings, fingerprint, opts.work_dir)
+    return out, files, ignored, plan, entries
 
 
-def _init_worker(ctx: dict) -> None:
-    _WORKER.clear()
-    _WORKER.update(ctx)
-    if "tokenizer_json" in ctx:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(ctx["tokenizer_json"])
-        # Text that spells a special token ("<|endoftext|>") is encoded as text, so EOS marks
-        # document ends and nothing else.
-        tok.encode_special_tokens = True
-        _WORKER["tokenizer"] = tok
-
-
-def _split_hash(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
-
-
-def _scan_chunk(docs: list[RawDoc]) -> list[tuple[str | None, bytes | None, int, bool]]:
-    """Per document: the filter that drops it (or None), its dedup key, its split hash and
-    whether bytes were replaced while decoding."""
-    w = _WORKER
-    out = []
-    for doc in docs:
-        text, replaced = decode(doc, w["text_field"], w["on_bad_utf8"])
-        if text is None:
-            out.append(("bad_utf8", None, 0, False))
-            continue
-        verdict = quality_verdict(text, w["filters"])
-        key = dedup_key(text) if verdict is None and w["dedup"] else None
-        out.append((verdict, key, _split_hash(w["seed"], doc.key), replaced))
-    return out
-
-
-def _tokenize_chunk(docs: list[tuple[int, RawDoc]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per split: the documents' tokens, each followed by EOS, concatenated, and their lengths."""
-    w = _WORKER
-    out = {}
-    for split in (TRAIN, VAL):
-        texts = []
-        for s, doc in docs:
-            if s == split:
-                text, _ = decode(doc, w["text_field"], w["on_bad_utf8"])
-                texts.append(text)
-        if not texts:
-            continue
-        encodings = w["tokenizer"].encode_batch(texts, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings))
-        tokens = np.empty(int(lengths.sum()), np.uint32)
-        ends = np.cumsum(lengths)
-        for e, end, n in zip(encodings, ends, lengths):
-            tokens[end - n : end - 1] = e.ids
-        tokens[ends - 1] = w["eos_id"]
-        out[split] = (tokens, lengths)
-    return out
-
-
-@contextmanager
-def _worker_pool(workers: int, ctx: dict):
-    """A pool of spawned processes (forking after tokenizers' threads ran is unsafe), or None to
-    run in this process when workers == 1."""
-    if workers == 1:
-        saved = dict(_WORKER)
-        _init_worker(ctx)
-        try:
-            yield None
-        finally:
-            _WORKER.clear()
-            _WORKER.update(saved)
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (ctx,))
+def prepare_task(opts: PrepareOptions, k: int) -> Path:
+    """Runs task k of opts.tasks alone (a SLURM array element, or a rerun); returns its result.
+    A task already done for these options and unchanged files is not redone."""
+    _, _, _, plan, _ = _plan(opts)
+    if 0 <= k < plan.tasks and plan.done(k):
+        return plan.result_path(k)
+    bars = Bars(sys.stderr.isatty() if opts.progress is None else opts.progress)
     try:
-        yield pool
+        return run_task(plan, k, opts.workers, bars)
     finally:
-        pool.terminate()
-        pool.join()
+        bars.close()
 
 
-def _ordered_map(pool, fn: Callable, chunks: Iterator[tuple[object, list]]) -> Iterator:
-    """(meta, fn(chunk)) in input order, with a bounded number of chunks in flight (Pool.imap
-    would read the whole input ahead)."""
-    if pool is None:
-        for meta, chunk in chunks:
-            yield meta, fn(chunk)
-        return
-    pending: deque = deque()
-    limit = 2 * pool._processes
-    for meta, chunk in chunks:
-        pending.append((meta, pool.apply_async(fn, (chunk,))))
-        if len(pending) >= limit:
-            meta0, result = pending.popleft()
-            yield meta0, result.get()
-    while pending:
-        meta0, result = pending.popleft()
-        yield meta0, result.get()
-
-
-def _chunks(items: Iterator[tuple[object, int, int]]) -> Iterator[tuple[tuple[int, int], list]]:
-    """Groups (item, size, progress) into chunks of up to CHUNK_DOCS items / CHUNK_BYTES bytes;
-    meta is (number of items, progress after the chunk)."""
-    chunk: list = []
-    size = 0
-    progress = 0
-    for item, n, progress in items:
-        chunk.append(item)
-        size += n
-        if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
-            yield (len(chunk), progress), chunk
-            chunk, size = [], 0
-    if chunk:
-        yield (len(chunk), progress), chunk
-
-
-def _size(doc: RawDoc) -> int:
-    return len(doc.data) if doc.data is not None else 0
-
-
-# -------------------------------------------------------------------------------- progress
-class _Bars:
-    """rich progress bars on stderr, or nothing."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TransferSpeedColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description:<22}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-            )
-            self.progress.start()
-
-    def add(self, description: str, total: int | None) -> int | None:
-        return self.progress.add_task(description, total=total) if self.progress else None
-
-    def update(self, task: int | None, completed: int) -> None:
-        if self.progress is not None:
-            self.progress.update(task, completed=completed)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-# --------------------------------------------------------------------------------- passes
-@dataclass
-class _Scan:
-    decisions: bytearray  # per input document: 0 dropped, TRAIN, VAL
-    split_hashes: list[int]  # per kept document
-    documents_in: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    duplicates: int = 0
-    replaced_utf8: int = 0
-
-
-def _scan(files: list[InputFile], opts: PrepareOptions, pool, bars: _Bars) -> _Scan:
-    scan = _Scan(bytearray(), [])
-    seen: set[bytes] = set()
-    task = bars.add("scan + filter", sum(f.size for f in files))
-    items = ((doc, _size(doc), pos) for doc, pos in iter_raw(files, opts.text_field))
-    for (_, progress), results in _ordered_map(pool, _scan_chunk, _chunks(items)):
-        for verdict, key, split_hash, replaced in results:
-            scan.documents_in += 1
-            if verdict is not None:
-                scan.dropped[verdict] += 1
-                scan.decisions.append(0)
-            elif key is not None and key in seen:
-                scan.duplicates += 1
-                scan.decisions.append(0)
-            else:
-                if key is not None:
-                    seen.add(key)
-                scan.decisions.append(TRAIN)
-                scan.split_hashes.append(split_hash)
-                scan.replaced_utf8 += replaced
-        bars.update(task, progress)
-    return scan
-
-
-def _nothing_left_error(opts: PrepareOptions, scan: _Scan) -> DataError:
+def _nothing_left_error(opts: PrepareOptions, scan: Merged) -> DataError:
     n = scan.documents_in
     drops = {k: v for k, v in scan.dropped.items() if v}
-    if set(drops) <= {"empty", "bad_utf8"} and not scan.duplicates:
+    others = {k: v for k, v in scan.stages.items() if k not in ("read", "heuristics") and v}
+    if set(drops) <= {"empty", "bad_utf8"} and not others:
         utf8 = f", {drops['bad_utf8']} skipped as not UTF-8" if drops.get("bad_utf8") else ""
         return DataError(
             f"inputs {opts.inputs} hold no text ({n} documents, none with at least "
@@ -356,12 +196,12 @@ def _nothing_left_error(opts: PrepareOptions, scan: _Scan) -> DataError:
         )
     return DataError(
         f"every document of {opts.inputs} was filtered out ({n} in; dropped {drops}, "
-        f"{scan.duplicates} duplicates); relax the quality filters "
-        f"({opts.filters.enabled()})"
+        f"{scan.duplicates} duplicates, by stage {dict(scan.stages)}); relax the quality "
+        f"filters ({opts.filters.enabled()}) or the stages that removed them"
     )
 
 
-def _assign_split(scan: _Scan, val_fraction: float) -> tuple[int, int]:
+def _assign_split(scan: Merged, val_fraction: float) -> tuple[int, int]:
     kept = len(scan.split_hashes)
     if kept < 2 and val_fraction > 0:
         raise DataError(
@@ -382,104 +222,17 @@ def _assign_split(scan: _Scan, val_fraction: float) -> tuple[int, int]:
     return kept - n_val, n_val
 
 
-def _kept_docs(
-    files: list[InputFile], opts: PrepareOptions, decisions: bytearray, only: int | None = None
-) -> Iterator[tuple[int, RawDoc, int]]:
-    """(split, raw document, progress) for every kept document (of one split if `only`)."""
-    _check_unchanged(files)
-    for i, (doc, progress) in enumerate(iter_raw(files, opts.text_field)):
-        d = decisions[i]
-        if d and (only is None or d == only):
-            yield d, doc, progress
-
-
-def _check_unchanged(files: list[InputFile]) -> None:
-    for f in files:
-        st = f.path.stat()
-        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
-            raise DataError(
-                f"input {str(f.path)!r} changed while it was being prepared; re-run when "
-                "nothing writes to the inputs"
-            )
-
-
-def _train_texts(files, opts, decisions, bars: _Bars) -> Iterator[str]:
-    task = bars.add("train tokenizer", sum(f.size for f in files))
-    for _, doc, progress in _kept_docs(files, opts, decisions, only=TRAIN):
-        text, _ = decode(doc, opts.text_field, opts.on_bad_utf8)
-        bars.update(task, progress)
-        yield text
-
-
-def _write_shards(
-    files: list[InputFile],
-    opts: PrepareOptions,
-    decisions: bytearray,
-    tmp: Path,
-    vocab: int,
-    pool,
-    bars: _Bars,
-) -> dict:
-    packers = {s: Packer(opts.seq_len, opts.doc_boundaries) for s in (TRAIN, VAL)}
-    writers = {
-        s: SplitWriter(
-            tmp / name,
-            opts.seq_len,
-            vocab,
-            opts.compression,
-            opts.shard_size_limit,
-            opts.doc_boundaries,
-        )
-        for s, name in ((TRAIN, "train"), (VAL, "val"))
-    }
-    val_names: list[str] = []
-    task = bars.add("tokenize + pack", sum(f.size for f in files))
-
-    def items():
-        for split, doc, progress in _kept_docs(files, opts, decisions):
-            if split == VAL and len(val_names) < VAL_NAMES_LISTED:
-                val_names.append(doc.key)
-            yield (split, doc), _size(doc), progress
-
-    try:
-        for (_, progress), by_split in _ordered_map(pool, _tokenize_chunk, _chunks(items())):
-            for split, (tokens, lengths) in by_split.items():
-                samples, starts = packers[split].add(tokens, lengths)
-                writers[split].write(samples, starts)
-            bars.update(task, progress)
-    finally:
-        for w in writers.values():
-            w.close()
-    return {
-        "tokens": {"train": packers[TRAIN].tokens, "val": packers[VAL].tokens},
-        "tail_tokens_dropped": {"train": packers[TRAIN].tail, "val": packers[VAL].tail},
-        "samples": {"train": writers[TRAIN].samples, "val": writers[VAL].samples},
-        "val_documents": val_names,
-        "unigram_val_loss": unigram_loss(writers[TRAIN].target_counts, writers[VAL].target_counts),
-    }
-
-
-def _shard_stats(split_dir: Path) -> dict:
-    index = json.loads((split_dir / INDEX).read_text())
-    shards = index["shards"]
-    return {
-        "shards": len(shards),
-        "bytes": sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in shards),
-        "index_sha256": file_sha256(split_dir / INDEX),
-    }
-
-
 # ----------------------------------------------------------------------------------- main
-def prepare(opts: PrepareOptions) -> dict:
+def prepare(opts: PrepareOptions, run_tasks: bool = True) -> dict:
     """Runs the whole pipeline and returns the manifest. Raises DataError before writing
-    anything when an input or option is bad, and leaves no output when anything fails."""
+    anything when an input or option is bad, and leaves no output when anything fails.
+    `run_tasks=False` (`--merge`) only merges tasks that already ran (a SLURM array's)."""
     t0 = time.time()
     # mosaicml-streaming, needed only to write the shards, takes seconds to import (it imports
     # torch and transformers): import it in the background while the inputs are scanned.
     threading.Thread(target=importlib.import_module, args=("streaming",), daemon=True).start()
-    out = _check_options(opts)
+    out, files, ignored, plan, entries = _plan(opts)
     specials = _special_tokens(opts)
-    files, ignored = discover(opts.inputs, opts.text_field)
     given_tokenizer = None
     if opts.tokenizer:
         given_tokenizer, tokenizer_kind = load_tokenizer(
@@ -492,18 +245,12 @@ def prepare(opts: PrepareOptions) -> dict:
         )
     bytes_in = sum(f.size for f in files)
     progress = sys.stderr.isatty() if opts.progress is None else opts.progress
-    bars = _Bars(progress)
-    ctx = {
-        "text_field": opts.text_field,
-        "on_bad_utf8": opts.on_bad_utf8,
-        "filters": opts.filters,
-        "dedup": opts.dedup,
-        "seed": opts.seed,
-    }
+    bars = Bars(progress)
+    ctx: dict = {"scan": plan.settings}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
     try:
-        with _worker_pool(opts.workers, ctx) as pool:
-            scan = _scan(files, opts, pool, bars)
+        ran = run_local(plan, opts.workers, bars) if run_tasks else []
+        scan = merge(plan, bars)
         if not scan.split_hashes:
             raise _nothing_left_error(opts, scan)
         n_train, n_val = _assign_split(scan, opts.val_fraction)
@@ -512,7 +259,7 @@ def prepare(opts: PrepareOptions) -> dict:
             tokenizer = given_tokenizer
             source = str(opts.tokenizer)
         else:
-            texts = _train_texts(files, opts, scan.decisions, bars)
+            texts = train_texts(files, plan.settings, scan.decisions, bars)
             tokenizer = train_bpe(texts, opts.vocab_size, specials, length=n_train)
             tokenizer_kind, source = "bpe", "trained"
         eos_id = tokenizer.token_to_id(opts.eos_token)
@@ -527,8 +274,8 @@ def prepare(opts: PrepareOptions) -> dict:
         if tokenizer_kind == "tiktoken":
             shutil.copy(opts.tokenizer, tmp / "tokenizer.tiktoken")
         ctx.update(tokenizer_json=tokenizer.to_str(), eos_id=eos_id)
-        with _worker_pool(opts.workers, ctx) as pool:
-            packed = _write_shards(files, opts, scan.decisions, tmp, vocab, pool, bars)
+        with worker_pool(opts.workers, ctx) as pool:
+            packed = write_shards(files, opts, scan.decisions, tmp, vocab, pool, bars)
         bars.close()
         if packed["samples"]["train"] == 0:
             raise DataError(
@@ -542,7 +289,16 @@ def prepare(opts: PrepareOptions) -> dict:
             )
         if packed["samples"]["val"] == 0:
             shutil.rmtree(tmp / "val")
-        splits = {s: _shard_stats(tmp / s) for s in ("train", "val") if (tmp / s).is_dir()}
+        splits = {s: shard_stats(tmp / s) for s in ("train", "val") if (tmp / s).is_dir()}
+        write_removed(tmp / REMOVED, scan.removed)
+        if opts.quality_model:
+            # The model beside the manifest, named by its hash: the dataset says which
+            # classifier chose its documents, and a retrained model never overwrites it.
+            name = versioned_name(entries["quality_model"]["sha256"])
+            shutil.copy(opts.quality_model, tmp / name)
+            entries["quality_model"]["file"] = name
+        if entries["decontamination"] is not None:
+            entries["decontamination"]["documents_removed"] = scan.stages["decontamination"]
         seconds = time.time() - t0
         manifest = {
             "format": FORMAT,
@@ -551,10 +307,20 @@ def prepare(opts: PrepareOptions) -> dict:
             "files": len(files),
             "files_ignored": ignored,
             "bytes_in": bytes_in,
+            "bytes_kept": scan.bytes_kept,
             "documents_in": scan.documents_in,
             "documents_out": n_train + n_val,
             "dropped": {name: scan.dropped.get(name, 0) for name in FILTERS},
             "duplicates_removed": scan.duplicates,
+            "near_duplicates_removed": scan.near_duplicates,
+            "removed": {
+                stage: {"documents": scan.stages[stage], "bytes": scan.stage_bytes[stage]}
+                for stage in STAGES
+                if scan.stages[stage]
+            },
+            "pii_replaced": scan.pii if opts.pii else None,
+            **entries,
+            "tasks": {"count": opts.tasks, "ran_here": ran},
             "utf8_replaced_documents": scan.replaced_utf8,
             "documents": {"train": n_train, "val": n_val},
             "val_documents": packed["val_documents"],
@@ -589,5 +355,14 @@ def prepare(opts: PrepareOptions) -> dict:
     except BaseException:
         bars.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        if opts.tasks == 1:  # nothing to resume: a failed one-task run leaves nothing behind
+            _remove_work(plan, opts)
         raise
+    _remove_work(plan, opts)  # the tasks' results are needed only until the dataset exists
     return manifest
+
+
+def _remove_work(plan: Plan, opts: PrepareOptions) -> None:
+    shutil.rmtree(plan.work, ignore_errors=True)
+    if not opts.work_dir and plan.work.parent.is_dir() and not any(plan.work.parent.iterdir()):
+        plan.work.parent.rmdir()

@@ -165,7 +165,11 @@ def iter_raw(files: list[InputFile], text_field: str = "text") -> Iterator[tuple
     done = 0
     for f in files:
         if f.kind == "txt":
-            yield RawDoc(f.path.name, str(f.path), "txt", f.path.read_bytes()), done + f.size
+            try:
+                data = f.path.read_bytes()
+            except OSError as e:
+                raise unreadable(f.path, e) from e
+            yield RawDoc(f.path.name, str(f.path), "txt", data), done + f.size
         elif f.kind == "jsonl":
             yield from _iter_jsonl(f, done)
         else:
@@ -173,10 +177,21 @@ def iter_raw(files: list[InputFile], text_field: str = "text") -> Iterator[tuple
         done += f.size
 
 
+def unreadable(path: Path, error: OSError) -> DataError:
+    return DataError(
+        f"input {str(path)!r} cannot be read ({error.strerror or error}); check its permissions "
+        "and the filesystem, or remove it from the inputs"
+    )
+
+
 def _iter_jsonl(f: InputFile, done: int) -> Iterator[tuple[RawDoc, int]]:
     import zstandard
 
-    with open(f.path, "rb") as raw:
+    try:
+        raw_file = open(f.path, "rb")
+    except OSError as e:
+        raise unreadable(f.path, e) from e
+    with raw_file as raw:
         if f.compression == "gz":
             stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw)
         elif f.compression == "zst":
@@ -189,6 +204,8 @@ def _iter_jsonl(f: InputFile, done: int) -> Iterator[tuple[RawDoc, int]]:
                     doc = RawDoc(f"{f.path.name}:{lineno}", f"{f.path}:{lineno}", "jsonl", line)
                     yield doc, done + raw.tell()
         except (OSError, EOFError, zstandard.ZstdError) as e:
+            if f.compression is None and isinstance(e, OSError):
+                raise unreadable(f.path, e) from e
             raise DataError(
                 f"input {str(f.path)!r} is not a valid {f.compression} file ({e}); "
                 "re-create or remove it"

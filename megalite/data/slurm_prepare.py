@@ -1,0 +1,121 @@
+"""`megalite-data prepare --tasks N --executor slurm`: the tasks as a SLURM job array, and the merge
+as a second job that starts once every element succeeded (`--dependency=afterok`).
+
+Each array element runs `prepare --config <work>/options.yaml --task $SLURM_ARRAY_TASK_ID`
+(the options were checked and saved before submitting), writes its result atomically and exits;
+a failed element can be resubmitted alone (`sbatch --array=K <tasks script>`), and the merge job,
+left pending by the failed dependency, can then be resubmitted (`sbatch <merge script>`). The
+scripts are written to the log dir and kept, so both are one command. SLURM options are checked
+with megalite-launch's rules (launch_slurm.py).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from megalite.errors import LaunchError
+from megalite.launch_slurm import at_least, time_limit_seconds
+
+_TEMPLATE = """#!/bin/bash
+# {what}, rendered by megalite-data prepare --executor slurm.
+#SBATCH --job-name={name}
+#SBATCH --output={logs}/%x-%A_%a.out
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task={cpus}
+{extra}
+set -euo pipefail
+exec {python} -m megalite.data.cli prepare --config {config} {step}
+"""
+
+
+@dataclass
+class SlurmArray:
+    tasks: int
+    job_name: str = "megalite-prepare"
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    cpus_per_task: int = 1
+    log_dir: str = "logs"
+
+    def __post_init__(self) -> None:
+        at_least("--tasks", self.tasks, 1)
+        at_least("--workers (CPUs per task)", self.cpus_per_task, 1)
+        if self.time is not None:
+            time_limit_seconds(self.time)
+
+    def _extra(self, array: bool) -> str:
+        lines = []
+        if array:
+            lines.append(f"#SBATCH --array=0-{self.tasks - 1}")
+        for flag, value in (
+            ("partition", self.partition),
+            ("account", self.account),
+            ("time", self.time),
+        ):
+            if value:
+                lines.append(f"#SBATCH --{flag}={value}")
+        return "\n".join(lines)
+
+    def scripts(self, config: Path) -> tuple[str, str]:
+        """(the array's script, the merge's script)."""
+        common = {
+            "name": self.job_name,
+            "logs": self.log_dir,
+            "cpus": self.cpus_per_task,
+            "python": shlex.quote(sys.executable),
+            "config": shlex.quote(str(config.resolve())),
+        }
+        tasks = _TEMPLATE.format(
+            what=f"{self.tasks} prepare tasks, one per array element",
+            extra=self._extra(True),
+            step='--task "$SLURM_ARRAY_TASK_ID"',
+            **common,
+        )
+        merge = _TEMPLATE.format(
+            what="the merge of the prepare tasks",
+            extra=self._extra(False),
+            step="--merge",
+            **common,
+        )
+        return tasks, merge
+
+
+def _sbatch(args: list[str], script: Path) -> str:
+    res = subprocess.run(
+        ["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        raise LaunchError(
+            f"sbatch {script} failed (exit {res.returncode}): {res.stderr.strip()}; the script "
+            f"is kept at {script}"
+        )
+    return res.stdout.strip().split(";")[0]
+
+
+def submit_array(job: SlurmArray, config: Path, dry_run: bool = False) -> tuple[str, str] | None:
+    """Writes both scripts beside the logs and submits them; returns (array id, merge id)."""
+    tasks, merge = job.scripts(config)
+    if dry_run:
+        print(tasks)
+        print(merge)
+        return None
+    if shutil.which("sbatch") is None:
+        raise LaunchError(
+            "sbatch is not on PATH; run --executor slurm on a SLURM login node, or add --dry-run"
+        )
+    logs = Path(job.log_dir)
+    logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
+    paths = []
+    for name, text in (("tasks", tasks), ("merge", merge)):
+        path = logs / f"{job.job_name}-{name}.sbatch"
+        path.write_text(text)
+        paths.append(path)
+    array_id = _sbatch([], paths[0])
+    merge_id = _sbatch([f"--dependency=afterok:{array_id}"], paths[1])
+    return array_id, merge_id
