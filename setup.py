@@ -30,8 +30,10 @@ INSTALL_REQUIRES = [
     "rich>=13",
     "matplotlib>=3.8",
     "scipy>=1.11",  # megalite-scale fits (L-BFGS, Huber loss)
+    "threadpoolctl>=3",  # pins BLAS to one thread in the scale fit's bootstrap
     "torchao==0.18.0",  # train.float8 (torchao.float8)
     "datasketch==2.0.0",  # MinHash + LSH near-duplicate removal
+    "xxhash>=3",  # shingle hashes for MinHash and the decontamination n-grams
     "langid==1.1.6",  # language identification; its model ships inside the package
     "fasttext-numpy2-wheel==0.9.2",  # quality classifier (fastText), numpy-2 build
     "lm-eval==0.4.13",  # megalite-eval harness
@@ -49,6 +51,7 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "ruff>=0.6",
         "transformers>=4.45,<5",
+        "accelerate>=1.0",  # lm_eval's `hf` backend, the harness parity test's reference
         "moto[server]>=5",  # a local S3-compatible server for the object-storage tests
     ],
 }

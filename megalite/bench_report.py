@@ -68,33 +68,57 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> bool:
-    """Tokens/s per device and MFU / HFU per measured cell, as horizontal bars."""
+def figure(rows: list[dict]):
+    """Tokens/s per device and MFU / HFU per cell, as horizontal bars, with a line at 100 % of
+    the peak (an MFU past it means a wrong peak or FLOP count) and the legend beside the axes,
+    never over a bar. A skipped cell keeps its row, labelled with the reason. None when no cell
+    ran."""
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['label']} x{r['world_size']}" for r in ok]
-    y = list(range(len(ok)))
+    labels = [f"{r['label']} x{r['world_size']}" for r in rows]
+    y = list(range(len(rows)))
+
+    def value(r: dict, key: str, scale: float = 1.0) -> float:
+        return scale * float(r[key]) if r["status"] == "ok" else 0.0
+
     fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(12, 1.5 + 0.45 * len(ok)), sharey=True, layout="constrained"
+        1, 2, figsize=(13, 1.8 + 0.45 * len(rows)), sharey=True, layout="constrained"
     )
-    ax1.barh(y, [r["tokens_per_s_per_device"] for r in ok], color="tab:blue")
+    ax1.barh(y, [value(r, "tokens_per_s_per_device") for r in rows], color="tab:blue")
     ax1.set_xlabel("tokens/s per device")
     ax1.set_yticks(y, labels, fontsize=8)
     ax1.invert_yaxis()
-    ax2.barh([i - 0.2 for i in y], [100 * r["mfu"] for r in ok], 0.4, label="MFU")
-    ax2.barh([i + 0.2 for i in y], [100 * r["hfu"] for r in ok], 0.4, label="HFU")
+    ax2.barh([i - 0.2 for i in y], [value(r, "mfu", 100) for r in rows], 0.4, label="MFU")
+    ax2.barh([i + 0.2 for i in y], [value(r, "hfu", 100) for r in rows], 0.4, label="HFU")
+    ax2.axvline(100, color="tab:red", linestyle="--", linewidth=1, label="100 % of peak")
+    ax2.set_xlim(0, max(110.0, *(value(r, "hfu", 105) for r in rows)))
     ax2.set_xlabel(f"% of peak ({ok[0]['peak_source']} {float(ok[0]['peak_tflops']):.3g} TFLOP/s)")
-    ax2.legend(fontsize=8)
+    for i, r in enumerate(rows):
+        if r["status"] != "ok":
+            reason = f"{r['status']}: {r['reason']}"
+            for ax in (ax1, ax2):
+                ax.text(0.01, i, reason[:90], transform=ax.get_yaxis_transform(), va="center",
+                        fontsize=7, color="dimgray", style="italic")  # fmt: skip
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(axis="x", alpha=0.3)
-    title = f"megalite-bench {ok[0]['bench']} | {ok[0]['device']} | {ok[0]['git_sha']}"
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"megalite-bench {ok[0]['bench']} | {ok[0]['device']} | {ok[0]['git_sha']}",
+                 fontsize=9)  # fmt: skip
+    return fig
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    fig = figure(rows)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -170,11 +170,17 @@ def quiet_dcp() -> Iterator[None]:
         yield
 
 
-def save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Model + optimizer as DCP files (unsharded FQNs: loadable under any layout)."""
+def dcp_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a checkpoint's DCP files hold: model + optimizer state under unsharded FQNs
+    (loadable under any layout). The tensors alias the live ones (no copy)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Model + optimizer as DCP files."""
     with quiet_dcp():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+        dcp.save(dcp_state_dict(model, optimizer), checkpoint_id=str(directory))
 
 
 def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
@@ -198,7 +204,34 @@ def save(
     keep_last: int,
 ) -> Path:
     """Writes a checkpoint atomically on every rank (a collective); returns its final path.
-    The engine writes model + optimizer (DCP, or DeepSpeed's own files)."""
+    The engine writes model + optimizer (DCP, or DeepSpeed's own files).
+    checkpoint_async.AsyncSaver does the same in the background, from the same three parts."""
+    final, tmp = begin_save(run_dir, step, dist_info)
+    engine.save(tmp)
+    failpoint("save_after_weights", step)
+    write_rank_state(tmp, trainer_state, dist_info)
+    # Every rank's files are durable before the barrier, so meta.json (the mark of a complete
+    # checkpoint) is never on disk ahead of a shard.
+    _fsync_own_files(tmp, dist_info.rank)
+    barrier()
+    failpoint("save_before_meta", step)
+    if dist_info.is_main:
+        commit(
+            run_dir,
+            step,
+            tokens=trainer_state.get("tokens"),
+            world_size=dist_info.world_size,
+            engine_format=engine.checkpoint_format,
+            model_cfg=model_cfg,
+            keep_last=keep_last,
+        )
+    barrier()
+    return final
+
+
+def begin_save(run_dir: str | Path, step: int, dist_info: DistInfo) -> tuple[Path, Path]:
+    """(final dir, staging dir) of the checkpoint of `step`; the staging dir is empty and exists
+    on every rank when this returns (a collective)."""
     run = rundir.RunDir(run_dir)
     final, tmp = run.checkpoint(step), run.staging(step)
     if dist_info.is_main:
@@ -206,45 +239,78 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save(tmp)
-    failpoint("save_after_weights", step)
+    return final, tmp
+
+
+def write_rank_state(tmp: Path, trainer_state: dict[str, Any], dist_info: DistInfo) -> Path:
+    """This rank's trainer state (step, tokens, data position) and RNG state, durable (fsync)
+    when this returns."""
     rank_state = dict(trainer_state, rng=_rng_state(dist_info.device))
-    torch.save(rank_state, rundir.rank_file(tmp, dist_info.rank))
-    # Every rank's files are durable before the barrier, so meta.json (the mark of a complete
-    # checkpoint) is never on disk ahead of a shard.
-    _fsync_own_files(tmp, dist_info.rank)
-    barrier()
-    failpoint("save_before_meta", step)
-    if dist_info.is_main:
-        meta = rundir.write_meta(
-            tmp,
-            step=step,
-            tokens=trainer_state.get("tokens"),
-            world_size=dist_info.world_size,
-            engine=engine.checkpoint_format,
-            model=model_cfg,
-        )
-        _fsync_file(meta)
-        # The directory entries (DeepSpeed may write into subdirectories), deepest first.
-        for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            _fsync_dir(d)
-        _fsync_dir(tmp)
-        failpoint("save_before_rename", step)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        failpoint("save_before_latest", step)
-        latest_tmp = run.latest.with_name(run.latest.name + ".tmp")
-        latest_tmp.write_text(final.name + "\n")
-        _fsync_file(latest_tmp)
-        latest_tmp.replace(run.latest)
-        _fsync_dir(run.checkpoints)
-        # Prune after the new checkpoint is complete: the newest is never deleted.
-        failpoint("save_before_prune", step)
-        for old in run.complete_checkpoints()[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    path = rundir.rank_file(tmp, dist_info.rank)
+    torch.save(rank_state, path)
+    _fsync_file(path)
+    return path
+
+
+def commit(
+    run_dir: str | Path,
+    step: int,
+    *,
+    tokens: int | None,
+    world_size: int,
+    engine_format: str,
+    model_cfg: ModelConfig,
+    keep_last: int,
+) -> Path:
+    """Rank 0, once every rank's files in the staging dir are durable: meta.json (the mark of a
+    complete checkpoint), the rename to step_N, `latest`, pruning. Touches files only (no
+    collective), so a background thread may run it."""
+    run = rundir.RunDir(run_dir)
+    final, tmp = run.checkpoint(step), run.staging(step)
+    meta = rundir.write_meta(
+        tmp,
+        step=step,
+        tokens=tokens,
+        world_size=world_size,
+        engine=engine_format,
+        model=model_cfg,
+    )
+    _fsync_file(meta)
+    # The directory entries (DeepSpeed may write into subdirectories), deepest first.
+    for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync_dir(d)
+    _fsync_dir(tmp)
+    failpoint("save_before_rename", step)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    failpoint("save_before_latest", step)
+    latest_tmp = run.latest.with_name(run.latest.name + ".tmp")
+    latest_tmp.write_text(final.name + "\n")
+    _fsync_file(latest_tmp)
+    latest_tmp.replace(run.latest)
+    _fsync_dir(run.checkpoints)
+    # Prune after the new checkpoint is complete: the newest is never deleted.
+    failpoint("save_before_prune", step)
+    for old in run.complete_checkpoints()[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def _damaged_as_error(ckpt: Path, name: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        cause = lines[-1].strip()[:300] if lines else type(e).__name__
+        what = f"{name} in {str(ckpt)!r}" if name else f"the weights of {str(ckpt)!r}"
+        raise CheckpointError(
+            f"cannot load {what} ({cause}); if the checkpoint is damaged, resume from an "
+            "earlier step_N dir (train.resume=<dir>), or move it aside and use train.resume=auto"
+        ) from e
 
 
 def load(path: Path, engine: Engine, model_cfg: ModelConfig, dist_info: DistInfo) -> dict[str, Any]:
@@ -256,12 +322,16 @@ def load(path: Path, engine: Engine, model_cfg: ModelConfig, dist_info: DistInfo
             f"{str(path)!r} holds model weights only (no optimizer or trainer state), so a run "
             f"cannot resume from it; start from its weights with train.init_from={path}"
         )
-    engine.load(path)
     rank_file = rundir.rank_file(path, dist_info.rank)
     same_world = meta.get("world_size") == dist_info.world_size
     if not same_world or not rank_file.is_file():
         rank_file = rundir.rank_file(path, 0)
-    trainer_state = torch.load(rank_file, weights_only=True)
+    # Preflight checked the files' sizes and CRCs (resume.py); damage those miss surfaces here,
+    # named, instead of as a raw reader traceback.
+    with _damaged_as_error(path):
+        engine.load(path)
+    with _damaged_as_error(path, rank_file.name):
+        trainer_state = torch.load(rank_file, weights_only=True)
     if same_world:
         _set_rng_state(trainer_state["rng"], dist_info.device)
     trainer_state["meta"] = meta

@@ -20,6 +20,8 @@ from hydra.core.config_store import ConfigStore
 
 from megalite.backends import AC_MODES, ATTENTION, LOSS, NORM
 from megalite.errors import ConfigError
+from megalite.eval_config import EvalConfig, HarnessConfig, check_harness  # noqa: F401
+from megalite.parallel.pp_schedules import check_pipeline, check_pp_fields
 from megalite.strategies import MESH_DIMS, STRATEGIES
 
 
@@ -107,6 +109,10 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------ parallel
+# How context parallelism computes attention over a split sequence (parallel/context.py).
+CP_MODES = ("ulysses", "ring")
+
+
 @dataclass
 class ParallelConfig:
     """How the model is spread over ranks; presets in conf/parallel/.
@@ -120,6 +126,19 @@ class ParallelConfig:
     dp_replicate: int = -1
     dp_shard: int = 1
     tp: int = 1
+    # Context parallel: each sequence split cp ways over ranks that read the same samples;
+    # FSDP shards over dp_shard x cp. cp_mode (parallel/context.py): ulysses (all-to-all,
+    # any attention backend, any device) or ring (torch's ring attention; CUDA, attention=sdpa).
+    cp: int = 1
+    cp_mode: str = "ulysses"
+    # Pipeline parallel (parallel/pipeline.py): pp ranks each run a slice of the layers;
+    # pp_schedule is a row of parallel/pp_schedules.py (gpipe, 1f1b, interleaved_1f1b, zbv),
+    # pp_virtual_stages the stages per rank (interleaved_1f1b: >= 2, zbv: 2), pp_microbatches
+    # how many pipeline micro-batches each train micro-batch is split into (None: pp).
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    pp_microbatches: int | None = None
     # FSDP2: free the unsharded parameters after forward (re-gathered for backward).
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"  # one of backends.AC_MODES
@@ -135,6 +154,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _choice("parallel.strategy", self.strategy, tuple(STRATEGIES))
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        _choice("parallel.cp_mode", self.cp_mode, CP_MODES)
+        check_pp_fields(self)
         _choice("parallel.activation_checkpointing", self.activation_checkpointing, AC_MODES)
         _positive("parallel.timeout_s", self.timeout_s)
         degrees = {key: getattr(self, key) for key in MESH_DIMS}
@@ -144,7 +165,7 @@ class ParallelConfig:
         if sum(v == -1 for v in degrees.values()) > 1:
             raise ConfigError(
                 f"parallel: only one degree may be -1, got dp_replicate={self.dp_replicate} "
-                f"dp_shard={self.dp_shard} tp={self.tp}; set the others explicitly"
+                f"dp_shard={self.dp_shard} tp={self.tp} cp={self.cp}; set the others explicitly"
             )
         # The degrees the strategy keeps at 1 (`single` also takes -1: it ignores them all).
         strategy = STRATEGIES[self.strategy]
@@ -338,6 +359,10 @@ class GuardConfig:
         _choice("train.guard.spike_action", self.spike_action, ("log", "skip"))
 
 
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")  # torchao's recipes (parallel/float8.py)
+CKPT_ASYNC_MODES = ("none", "thread", "process")  # checkpoint_async.py
+
+
 @dataclass
 class TrainConfig:
     """The loop: batch shape, precision, loss backend, eval and checkpoint cadence, resume."""
@@ -361,12 +386,26 @@ class TrainConfig:
     # and under tensor parallelism (loss-parallel CE over the vocab-sharded logits).
     loss: str = "auto"  # auto or a row of backends.LOSS
     compile: bool = False
+    # Float8 training (torchao; megalite/parallel/float8.py): the transformer blocks' Linear
+    # layers compute in float8 (never the output head). tensorwise: fastest, float8 all-gather
+    # under FSDP2; rowwise: more accurate. float8_first_block / float8_last_block: convert the
+    # first / last block too (false keeps it in train.precision). Needs FP8 tensor cores
+    # (Ada / Hopper, MI300) on a GPU; emulated on a CPU.
+    float8: str = "none"  # none | tensorwise | rowwise
+    float8_first_block: bool = True
+    float8_last_block: bool = True
     run_dir: str = "runs/default"
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic eval (a final eval still runs)
     eval_batches: int = 20
     ckpt_every: int = 100  # 0 disables periodic checkpoints (a final one is still written)
     keep_last: int = 2
+    # Asynchronous checkpoints (megalite/checkpoint_async.py): none writes in the step loop;
+    # thread / process stage a copy of the state and write it in the background while training
+    # goes on (at most one save in flight; a checkpoint counts once its meta.json is durable).
+    # process: a helper process does the writing; the script that starts training must guard
+    # its entry point (if __name__ == "__main__":), as the helper re-imports it.
+    ckpt_async: str = "none"  # none | thread | process
     # none: start fresh (refuses a run_dir that already holds checkpoints); auto: newest complete
     # checkpoint in run_dir if any; or a path to a checkpoint dir.
     resume: str = "none"
@@ -390,6 +429,8 @@ class TrainConfig:
             _positive("train.stop_at_step", self.stop_at_step)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("train.float8", self.float8, FLOAT8_RECIPES)
+        _choice("train.ckpt_async", self.ckpt_async, CKPT_ASYNC_MODES)
         _choice(LOSS.key, self.loss, LOSS.choices)
         _positive("train.watchdog_s", self.watchdog_s, allow_zero=True)
         if not self.run_dir:
@@ -434,6 +475,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Name of the run (experiments set it), shown in the logs and wandb.
     name: str = "default"
 
@@ -445,6 +487,11 @@ class Config:
             )
         if self.parallel.tp > 1:
             check_tp(self, self.parallel.tp)
+        if self.parallel.cp > 1:
+            check_cp(self, self.parallel.cp, max(self.parallel.tp, 1))
+        if self.parallel.pp > 1:
+            check_pipeline(self)
+        check_harness(self)
         if not self.train.resume:
             raise ConfigError("train.resume is empty; use none, auto or a checkpoint dir")
 
@@ -472,6 +519,30 @@ def check_tp(cfg: Config, tp: int) -> None:
             f"model.norm={cfg.model.norm} does not take sequence-sharded inputs "
             f"(parallel.tp={tp}); use model.norm=torch or auto with tensor parallelism"
         )
+
+
+def check_cp(cfg: Config, cp: int, tp: int) -> None:
+    """Context parallelism splits every sequence cp ways (ring: 2 x cp chunks, head and tail per
+    rank); Ulysses gives each rank n_heads / (tp x cp) query heads and as many kv-head groups."""
+    p = cfg.parallel
+    chunks = 2 * cp if p.cp_mode == "ring" else cp
+    if cfg.data.seq_len % chunks:
+        what = f"2 x parallel.cp = {chunks}" if p.cp_mode == "ring" else f"parallel.cp={cp}"
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by {what} "
+            f"(parallel.cp_mode={p.cp_mode}); pick a data.seq_len that is a multiple of {chunks}"
+        )
+    if p.cp_mode == "ulysses":
+        for key, value in (
+            ("model.n_heads", cfg.model.n_heads),
+            ("model.n_kv_heads", cfg.model.kv_heads),
+        ):
+            if value % (cp * tp):
+                raise ConfigError(
+                    f"parallel.cp={cp} x parallel.tp={tp} does not divide {key}={value} "
+                    "(parallel.cp_mode=ulysses splits heads over cp x tp ranks); pick degrees "
+                    f"whose product divides {value}, or parallel.cp_mode=ring on CUDA"
+                )
 
 
 GROUPS: dict[str, type] = {

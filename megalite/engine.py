@@ -7,6 +7,8 @@ training loop has no per-engine branches:
   gradient reduction deferred to the last micro-batch, DCP checkpoints.
 - `DeepSpeedEngine` (parallel/deepspeed.py): ZeRO stages 1-3 with DeepSpeed's own
   accumulation, clipping, bf16 and checkpoint files.
+- `PipelineEngine` (parallel/pipeline.py): parallel.pp > 1, stages of the model on
+  torch.distributed.pipelining schedules, each stage parallelized like the native model.
 
     engine = build_engine(cfg, dims, mesh, device, global_batch, init_from)
     loss_sum, grad_norm = engine.forward_backward(micro_batches, poison=None)
@@ -33,6 +35,7 @@ from megalite.config import Config
 from megalite.model.transformer import Transformer
 from megalite.optim import build_optimizer
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.float8 import install_scale_precompute
 from megalite.parallel.parallelize import gradient_sync, parallelize
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), on the run's device
@@ -140,6 +143,10 @@ def build_engine(
         from megalite.parallel import deepspeed as ds
 
         return ds.build(cfg, dims, global_batch, device, init_from)
+    if dims.pp > 1:
+        from megalite.parallel.pipeline import build_pipeline_engine
+
+        return build_pipeline_engine(cfg, dims, mesh, device, init_from, model)
     if model is None:
         with torch.device("meta"):
             model = Transformer(cfg.model, loss=cfg.train.loss)
@@ -147,4 +154,5 @@ def build_engine(
     if init_from is not None:
         checkpoint.load_model_weights(init_from, module, cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
+    install_scale_precompute(model, optimizer, cfg, dims.uses_fsdp)
     return NativeEngine(module, optimizer, cfg, dims)

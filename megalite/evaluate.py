@@ -5,10 +5,14 @@ every inference tool (eval, generate, export) shares beside the weights, which
 megalite-eval runs/cpu_demo                           # newest checkpoint, the run's val split
 megalite-eval runs/cpu_demo/checkpoints/step_00000400 --text notes.txt --json ppl.json
 megalite-eval converted/ --data-dir data/shakespeare  # a megalite-convert output
+megalite-eval harness runs/cpu_demo --tasks hellaswag  # lm-evaluation-harness (harness.py)
+megalite-eval watch runs/cpu_demo                     # evaluate each new checkpoint (eval_watch.py)
 
 A checkpoint of any parallel layout loads here: DCP reshards on load, in one process with no
 process group. The loss is the mean next-token cross-entropy over every target token (nats);
-perplexity is exp(loss).
+perplexity is exp(loss). Bits per byte (bpb.py) divides the summed loss by ln 2 and the UTF-8
+bytes the target tokens spell: a --text file's own bytes, or the tokenizer's byte count of each
+target token of a prepared split.
 
 Shape legend: B batch, T sequence.
 """
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 
+from megalite.bpb import bits_per_byte, token_bytes
 from megalite.checkpoint import inference_config, load_for_inference, resolve_checkpoint
 from megalite.config import ConfigError, DataConfig, ModelConfig
 from megalite.data.common import EOS, MANIFEST, TOKENIZER, DataError, read_manifest
@@ -132,6 +137,9 @@ class EvalResult:
     tokens: int
     loss: float
     ppl: float
+    # UTF-8 bytes the target tokens spell, and the loss in bits per byte (bpb.py).
+    bytes: int = 0
+    bpb: float = float("nan")
 
 
 @torch.no_grad()
@@ -140,19 +148,23 @@ def mean_loss(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     precision: str = "fp32",
-) -> tuple[float, int, int]:
-    """(mean cross-entropy over every target token, target tokens, samples). Batches may differ
-    in size and length: each batch's mean is weighted by its token count."""
-    total, tokens, samples = 0.0, 0, 0
+    byte_table: torch.Tensor | None = None,
+) -> tuple[float, int, int, int]:
+    """(mean cross-entropy over every target token, target tokens, samples, bytes the targets
+    spell by `byte_table`, or 0 without one). Batches may differ in size and length: each
+    batch's mean is weighted by its token count."""
+    total, tokens, samples, nbytes = 0.0, 0, 0, 0
     for x_BT, y_BT in batches:
         with autocast_for(precision, device):
             loss = model(x_BT.to(device), y_BT.to(device))
         total += loss.double().item() * y_BT.numel()
         tokens += y_BT.numel()
         samples += x_BT.shape[0]
+        if byte_table is not None:
+            nbytes += int(byte_table[y_BT.clamp(min=0)].sum())
     if tokens == 0:
         raise DataError("nothing to evaluate: the input has no complete sample")
-    return total / tokens, tokens, samples
+    return total / tokens, tokens, samples, nbytes
 
 
 def _group(
@@ -244,6 +256,8 @@ def evaluate(
         # As prepared data: the document followed by EOS (the separator training saw).
         ids = tok.encode(content).ids + eos_ids(meta, tok, run)[:1]
         pairs, source, close = text_windows(ids, seq_len), str(path), None
+        # The file's own bytes, unless only part of it is evaluated.
+        text_bytes = len(content.encode("utf-8")) if not max_batches else None
     else:
         if seq_len is not None:
             raise ConfigError("--seq-len applies to --text only; a prepared split is pre-packed")
@@ -257,17 +271,20 @@ def evaluate(
                 "--data-dir DIR (a prepared dataset) or --text FILE"
             )
         val = open_val(data, cfg)
-        seq_len, close = data.seq_len, val.close
+        seq_len, close, text_bytes = data.seq_len, val.close, None
+        tok = _split_tokenizer(data, ckpt, tokenizer)
         source = f"val split of {data.dir or 'the run data streams'}"
         pairs = val.batches(1, len(val))
+    table = token_bytes(tok, cfg.vocab_size) if tok is not None and text_bytes is None else None
     model, _ = load_for_inference(ckpt, dev)
     try:
-        loss, tokens, samples = mean_loss(
-            model, _group(pairs, batch_size, max_batches), dev, precision
+        loss, tokens, samples, nbytes = mean_loss(
+            model, _group(pairs, batch_size, max_batches), dev, precision, table
         )
     finally:
         if close is not None:
             close()
+    nbytes = text_bytes if text_bytes is not None else nbytes
     return EvalResult(
         checkpoint=str(ckpt),
         step=meta.get("step"),
@@ -277,18 +294,37 @@ def evaluate(
         tokens=tokens,
         loss=loss,
         ppl=math.exp(min(loss, 50.0)),  # capped as the trainer's val_ppl, to stay finite
+        bytes=nbytes,
+        bpb=bits_per_byte(loss, tokens, nbytes),
     )
+
+
+def _split_tokenizer(data: DataConfig, ckpt: Path, override: str | None):
+    """The tokenizer a prepared split was tokenized with (for its byte counts), or None when it
+    cannot be found (bits per byte is then not reported)."""
+    try:
+        return load_tokenizer(find_tokenizer(ckpt, override, data))
+    except DataError:
+        return None
 
 
 # --------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megalite-eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="megalite-eval",
+        description="The perplexity of a checkpoint: mean next-token cross-entropy (nats) and "
+        "its exp, on the run's validation split, another prepared dataset (--data-dir) or a "
+        "text file (--text).",
+        epilog="subcommands: `megalite-eval harness CKPT --tasks ...` (lm-evaluation-harness "
+        "tasks), `megalite-eval watch RUN_DIR` (evaluate each new checkpoint of a run); each "
+        "has its own --help",
+    )
     p.add_argument("checkpoint", help="step_N dir, run dir (newest checkpoint) or converted dir")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="a UTF-8 text file, tokenized with the run's tokenizer")
     src.add_argument("--data-dir", help="a prepared dataset whose val split to use")
     p.add_argument("--seq-len", type=int, help="window for --text (default: the run's seq_len)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (8)")
     p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: all)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's / run's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -297,7 +333,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Subcommands, each in its own module (lm_eval is imported only when one runs).
+SUBCOMMANDS = {"harness": "megalite.harness", "watch": "megalite.eval_watch"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         res = evaluate(
@@ -313,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except MegaliteError as e:
         return cli_error("megalite-eval", e)
+    bpb = f", {res.bpb:.4f} bits/byte" if math.isfinite(res.bpb) else ""
     print(
         f"megalite-eval: {res.checkpoint} (step {res.step}) on {res.source}: loss "
-        f"{res.loss:.4f} nats/token, perplexity {res.ppl:.2f} over {res.tokens:,} tokens "
+        f"{res.loss:.4f} nats/token, perplexity {res.ppl:.2f}{bpb} over {res.tokens:,} tokens "
         f"({res.samples} windows of <= {res.seq_len})"
     )
     if args.json:

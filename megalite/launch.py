@@ -109,11 +109,14 @@ def check_config(overrides: list[str], world_size: int) -> Config:
 
     from megalite.compose import compose_config
     from megalite.config import ConfigError
+    from megalite.demo_checks import demo_warnings
     from megalite.parallel.dims import ParallelDims, check_world_size
 
     try:
         cfg = compose_config(overrides)
         check_world_size(cfg, ParallelDims.from_config(cfg.parallel, world_size))
+        for line in demo_warnings(cfg):  # legal, but not what a real run wants (demo_checks.py)
+            print(f"megalite-launch: warning: {line}", file=sys.stderr)
         return cfg
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -185,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     slurm = sub.add_parser("slurm", help="render an sbatch script and submit it")
-    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument(
+        "--nodes", type=int, required=True, help="number of nodes (one torchrun agent each)"
+    )
     slurm.add_argument("--gpus-per-node", type=int, default=8, help="0 on CPU nodes (8)")
     slurm.add_argument("--nproc-per-node", type=int, help="workers per node (one per GPU)")
     slurm.add_argument("--cpus-per-task", type=int, help="CPUs per node (8 per GPU worker)")

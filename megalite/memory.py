@@ -7,7 +7,7 @@ Memory is in GB of 2^30 bytes, as the trainer's `mem_gb`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,6 +15,8 @@ from megalite.backends import AC_MODES
 from megalite.config import Config, ModelConfig
 from megalite.errors import ConfigError
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.pp_schedules import microbatches
+from megalite.parallel.pp_split import in_flight, split_stages
 from megalite.shapes import (
     ADAM_BYTES,
     GRAD_BYTES,
@@ -149,7 +151,7 @@ def estimate_memory(cfg: Config, dims: ParallelDims) -> MemoryEstimate:
     """Per-rank memory of training `cfg` on the layout `dims`.
 
     States (fp32 master weights, fp32 gradients and two fp32 AdamW moments: 4 + 4 + 8 bytes per
-    parameter), divided by what shards them: tp for every layout; dp_shard for FSDP2 layouts;
+    parameter), divided by what shards them: tp for every layout; dp_shard x cp for FSDP2 layouts;
     for DeepSpeed ZeRO-1/2/3 the data-parallel size for the optimizer / + gradients / +
     parameters (under bf16 DeepSpeed keeps bf16 parameters and gradients in the model, and fp32
     master weights and gradient partitions with the optimizer).
@@ -166,11 +168,13 @@ def estimate_memory(cfg: Config, dims: ParallelDims) -> MemoryEstimate:
     its gradients stay sharded).
 
     Activations: `activation_bytes` for micro_batch_size x seq_len tokens, divided by tp
-    (sequence parallelism shards the rest); the logits count unless train.loss is fused_linear
-    (resolve `auto` backends first). Not counted: communication buckets of DeepSpeed and NCCL,
-    torch.compile's changes to what is saved, and the Triton norm (which saves less than the
-    reference norm: the plan is then an upper bound).
+    (sequence parallelism shards the rest) and by cp (context parallelism); the logits count
+    unless train.loss is fused_linear (resolve `auto` backends first). Not counted:
+    communication buckets of DeepSpeed and NCCL, torch.compile's changes to what is saved, and
+    the Triton norm (which saves less than the reference norm: the plan is then an upper bound).
     """
+    if dims.pp > 1:  # the pipeline rank that needs the most (pipeline_memory)
+        return max(pipeline_memory(cfg, dims), key=lambda e: e.total_gb())
     m = cfg.model
     strategy = STRATEGIES[dims.strategy]
     tp = dims.tp
@@ -190,7 +194,8 @@ def estimate_memory(cfg: Config, dims: ParallelDims) -> MemoryEstimate:
             grads += GRAD_BYTES * p / dp  # fp32 gradient partition
             optimizer += WEIGHT_BYTES * p / dp  # fp32 master weights
     else:
-        shard = tp * (dims.dp_shard if strategy.fsdp else 1)
+        # FSDP shards over dp_shard x cp (parallel/context.py).
+        shard = tp * (dims.dp_shard * dims.cp if strategy.fsdp else 1)
         params = WEIGHT_BYTES * p / shard
         grads = GRAD_BYTES * p / shard
         optimizer = ADAM_BYTES * p / shard
@@ -210,9 +215,14 @@ def estimate_memory(cfg: Config, dims: ParallelDims) -> MemoryEstimate:
                 buffers += GRAD_BYTES * p / tp
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     fused = cfg.train.loss == "fused_linear"
-    acts = {ac: activation_bytes(m, tokens, mode, ac, fused) / tp / GB for ac in AC_MODES}
+    # Context parallelism keeps 1/cp of every sequence per rank; Ulysses attention saves the
+    # whole sequence for 1/cp of the heads: the same bytes.
+    acts = {
+        ac: activation_bytes(m, tokens, mode, ac, fused) / (tp * dims.cp) / GB for ac in AC_MODES
+    }
     layout = (
-        f"{strategy.name} dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {tp}, "
+        f"{strategy.name} dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {tp}"
+        f"{f' x cp {dims.cp}' if dims.cp > 1 else ''}, "
         f"{mode}, micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}, loss "
         f"{cfg.train.loss}"
     )
@@ -225,3 +235,74 @@ def estimate_memory(cfg: Config, dims: ParallelDims) -> MemoryEstimate:
         activation_checkpointing=cfg.parallel.activation_checkpointing,
         layout=layout,
     )
+
+
+def pipeline_memory(cfg: Config, dims: ParallelDims) -> list[MemoryEstimate]:
+    """Per pipeline rank (parallel.pp > 1; parallel/pipeline.py), the memory of the stages it
+    runs (parallel/pp_split.py's split), in the order of the pipeline ranks.
+
+    States: 16 bytes per parameter of its stages (the embedding on the first, the final norm and
+    the head on the last), divided by tp and, when data-parallel, by dp_shard (FSDP2 shards each
+    stage; HSDP replicates over dp_replicate). Buffers: under FSDP2 the stage stays whole in the
+    compute dtype, and so do its fp32 gradients, through a schedule step (torch's PipelineStage
+    turns resharding after backward and the gradient reduce-scatter off until the last
+    micro-batch); without data parallelism, autocast's bf16 weight copies.
+
+    Activations: those of one pipeline micro-batch (train.micro_batch_size / pp_microbatches
+    sequences) through the rank's layers (and the head's logits on the last stage), times the
+    micro-batches the schedule keeps in flight on that rank (pp_split.in_flight: m for GPipe,
+    pp - rank for 1F1B and ZB-V, p + (p-1)/v on rank 0 for interleaved 1F1B)."""
+    m, par = cfg.model, cfg.parallel
+    tp, mode = dims.tp, precision_mode(cfg)
+    fsdp = dims.dp > 1
+    if mode == "bf16" and not fsdp:  # without data parallelism a stage runs under autocast
+        mode = "autocast"
+    pbytes = 4 if mode == "fp32" else 2
+    shard = tp * (dims.dp_shard if fsdp else 1)
+    chunks = microbatches(cfg)
+    tokens = cfg.train.micro_batch_size // chunks * cfg.data.seq_len
+    fused = cfg.train.loss == "fused_linear"
+    stages = split_stages(m, dims.pp, par.pp_virtual_stages, par.pp_schedule, cfg.data.seq_len)
+    # The head's share (final norm, logits, targets): one layer's model minus a layer.
+    one, two = (
+        activation_bytes(replace(m, n_layers=n), tokens, mode, "none", fused) for n in (1, 2)
+    )
+    head_only = 2 * one - two
+    out = []
+    for rank in range(dims.pp):
+        mine = [s for s in stages if s.rank == rank]
+        n_layers = sum(len(s.layers) for s in mine)
+        first, last = any(s.first for s in mine), any(s.last for s in mine)
+        p = n_layers * float(block_params(m))
+        p += (m.vocab_size * m.dim if first else 0) + (head_params(m) if last else 0)
+        matmul = n_layers * (block_params(m) - 2 * m.dim) + (m.vocab_size * m.dim if last else 0)
+        if fsdp:
+            buffers = (pbytes + GRAD_BYTES) * p / tp
+        else:
+            buffers = 2 * matmul / tp if mode == "autocast" else 0.0
+        held = in_flight(par.pp_schedule, dims.pp, chunks, par.pp_virtual_stages, rank)
+        acts = {}
+        for ac in AC_MODES:
+            per_chunk = activation_bytes(replace(m, n_layers=n_layers), tokens, mode, ac, fused)
+            if not last:
+                per_chunk -= head_only
+            acts[ac] = held * per_chunk / tp / GB
+        where = " + ".join(s.describe().split(": ", 1)[1] for s in mine)
+        layout = (
+            f"{dims.strategy} pp {dims.pp} ({par.pp_schedule}, {chunks} micro-batches) x "
+            f"dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {tp}, pipeline "
+            f"rank {rank}: {where}, {held:.3g} micro-batches in flight, {mode}, micro-batch "
+            f"{cfg.train.micro_batch_size} x {cfg.data.seq_len}, loss {cfg.train.loss}"
+        )
+        out.append(
+            MemoryEstimate(
+                params_gb=WEIGHT_BYTES * p / shard / GB,
+                grads_gb=GRAD_BYTES * p / shard / GB,
+                optimizer_gb=ADAM_BYTES * p / shard / GB,
+                buffers_gb=buffers / GB,
+                activations_gb=acts,
+                activation_checkpointing=par.activation_checkpointing,
+                layout=layout,
+            )
+        )
+    return out

@@ -276,11 +276,16 @@ def redact(obj: Any) -> Any:
 
 
 def format_line(rec: dict) -> str:
-    """One readable console line for a train or eval record."""
+    """One readable console line for a train, eval or harness record."""
+    if rec.get("kind") == HARNESS_KIND:  # megalite/eval_watch.py
+        shown = [f"{k.removeprefix('harness/')} {v:.4g}" for k, v in harness_metrics(rec).items()]
+        extra = rec.get("harness_error") or rec.get("harness_skipped")
+        return f"harness step {rec['step']:>6} | " + " | ".join(shown + ([extra] if extra else []))
     if "val_loss" in rec:
+        bpb = f" | val_bpb {rec['val_bpb']:.4f}" if rec.get("val_bpb") is not None else ""
         return (
             f"eval  step {rec['step']:>6} | val_loss {rec['val_loss']:.4f} | "
-            f"val_ppl {rec['val_ppl']:.2f}"
+            f"val_ppl {rec['val_ppl']:.2f}{bpb}"
         )
     return (
         f"train step {rec['step']:>6} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -342,14 +347,32 @@ class MetricsLogger:
             self.run = None
 
 
+# Records of downstream evals (megalite/eval_watch.py), appended by another process than the
+# trainer's: {"step", "kind": "harness", "harness/<task>/<metric>": value, ...}.
+HARNESS_KIND = "harness"
+
+
+def harness_metrics(rec: dict) -> dict[str, float]:
+    """The numeric harness/<task>/<metric> values of a record."""
+    return {
+        k: v
+        for k, v in rec.items()
+        if k.startswith("harness/") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Two processes append (trainer, eval watcher): a last line without its newline is still
+    # being written.
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot_losses(metrics_path: Path, out: Path, baseline: float | None = None) -> None:
-    """Train and val loss against step, from metrics.jsonl, as a PNG."""
+    """Train and val loss against step, from metrics.jsonl, as a PNG; harness evals (but
+    perplexities, on another scale) in a panel beside it when there are any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,7 +381,26 @@ def plot_losses(metrics_path: Path, out: Path, baseline: float | None = None) ->
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    evals: dict[str, list[tuple[int, float]]] = {}
+    for r in recs:
+        if r.get("kind") == HARNESS_KIND:
+            for k, v in harness_metrics(r).items():
+                if "perplexity" not in k:
+                    evals.setdefault(k.removeprefix("harness/"), []).append((r["step"], v))
+    if evals:
+        # The trainer's bits per byte, on the scale of the harness's.
+        bpb = [(r["step"], r["val_bpb"]) for r in recs if r.get("val_bpb") is not None]
+        if bpb:
+            evals["val_bpb (trainer)"] = bpb
+        fig, (ax, ax_h) = plt.subplots(1, 2, figsize=(13, 4))
+        for name, points in sorted(evals.items()):
+            ax_h.plot(*zip(*sorted(points)), "o-", label=name)
+        ax_h.set_xlabel("step")
+        ax_h.set_title("lm-eval harness")
+        ax_h.legend(fontsize="small")
+        ax_h.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if val:
@@ -370,7 +412,8 @@ def plot_losses(metrics_path: Path, out: Path, baseline: float | None = None) ->
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
+    # The trainer and the eval watcher both draw it: each its own temp file.
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out)

@@ -43,6 +43,7 @@ from megalite.devices import (
 )
 from megalite.errors import ConfigError, MegaliteError, cli_error
 from megalite.memory import estimate_memory
+from megalite.parallel import pp_plan
 from megalite.parallel.dims import ParallelDims, check_world_size
 from megalite.shapes import checkpoint_bytes, flops_per_token, param_count
 
@@ -237,6 +238,18 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="tokens to train on for the wall time (default: 20 per parameter of the model)",
     )
+    p.add_argument(
+        "--recommend-layout",
+        action="store_true",
+        help="search pp x dp x tp x micro-batches x AC layouts that fit, best first "
+        "(parallel/pp_plan.py)",
+    )
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        help="sequences per optimizer step for --recommend-layout (default: 4M tokens, "
+        "Llama 3's starting batch)",
+    )
     p.add_argument("overrides", nargs="*", help="megalite-train overrides (KEY=VALUE)")
     return p
 
@@ -303,11 +316,14 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
         # The plan is for GPUs: `auto` backends and precision resolve as they would on CUDA.
-        model_cfg, loss = resolve_backends(cfg.model, cfg.train.loss, "cuda", cfg.parallel.tp)
+        # (Under pipeline parallelism `auto` is the torch loss on the last stage: preflight.)
+        loss = "torch" if cfg.parallel.pp > 1 and cfg.train.loss == "auto" else cfg.train.loss
+        model_cfg, loss = resolve_backends(cfg.model, loss, "cuda", cfg.parallel.tp)
         precision, _ = resolve_precision(cfg.train.precision, "cuda")
         train = dataclasses.replace(cfg.train, loss=loss, precision=precision)
         cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
-        est = estimate_memory(cfg, ParallelDims.from_config(cfg.parallel, args.gpus))
+        dims = ParallelDims.from_config(cfg.parallel, args.gpus)
+        est = estimate_memory(cfg, dims)
     except MegaliteError as e:
         return _fail(str(e).splitlines()[0])
     mem = args.gpu_mem_gb or device_memory_gb(args.gpu)
@@ -330,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(fits: at most {100 * USABLE_FRACTION:.0f}% of the device's {mem:g} GB)")
     else:
         print("(device memory unknown: pass --gpu-mem-gb to check the fit)")
+    if dims.pp > 1:  # the total above is the pipeline rank that needs the most
+        print(pp_plan.stage_table(cfg, dims))
+    if args.recommend_layout and mem:
+        batch = args.global_batch or max(1, 4 * 2**20 // seq_len)
+        print("\n" + pp_plan.recommend(cfg, args.gpus, USABLE_FRACTION * mem, batch))
 
     n_model = param_count(cfg.model)
     tokens = args.tokens or CHINCHILLA_TOKENS_PER_PARAM * n_model
@@ -341,6 +362,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{training_flops(n_model, tokens):.3g}) -> {hours:,.1f} h ({hours / 24:.1f} days) on "
         f"{args.gpus} x {gpu_name} at {100 * args.mfu:.0f}% MFU"
     )
+    print(
+        f"throughput assumed: {tokens / (3600 * hours * args.gpus):,.0f} tokens/s per GPU (an "
+        f"estimate from the {100 * args.mfu:.0f}% MFU, not a measurement)"
+    )
+    if hours > args.hours:  # say so, and what does fit: fewer tokens, or more GPUs
+        gpus_needed = math.ceil(args.gpus * hours / args.hours)
+        fit_tokens = tokens * args.hours / hours
+        print(
+            f"this does not fit the {args.hours:g} h asked ({hours / args.hours:.1f}x too long). "
+            f"in {args.hours:g} h: {_si(fit_tokens)} tokens ({fit_tokens / n_model:.3g}/param, "
+            f"--tokens {fit_tokens:.3g}); or {gpus_needed} GPUs ({math.ceil(gpus_needed / 8)} "
+            f"nodes of 8) would train the "
+            f"{_si(tokens)} tokens in {args.hours:g} h at the same MFU"
+        )
     return 0
 
 

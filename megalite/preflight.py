@@ -26,13 +26,18 @@ import torch
 
 from megalite import checkpoint
 from megalite.backends import needing_cuda
+from megalite.checkpoint_async import async_problems
 from megalite.config import Config, ConfigError
 from megalite.data.loader import check_dataset
+from megalite.demo_checks import demo_warnings
 from megalite.devices import resolve_precision
 from megalite.errors import MegaliteError
 from megalite.model.transformer import Transformer, count_params, resolve_backends
+from megalite.parallel.context import check_cp_device
 from megalite.parallel.dims import ParallelDims, check_world_size
-from megalite.rundir import RunDir, rank_file
+from megalite.parallel.float8 import float8_problems
+from megalite.resume import resolve_resume
+from megalite.rundir import rank_file
 from megalite.shapes import checkpoint_bytes
 
 
@@ -64,31 +69,9 @@ class Plan:
     # One line saying which precision the run uses and why (`train.precision=auto` resolved for
     # this device), for the trainer to print once at start.
     precision_reason: str = ""
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint to start from per `train.resume`, or None for a fresh run. Refuses to start
-    a fresh run in a run dir that already holds one, so nothing written before is overwritten."""
-    run_dir = Path(cfg.train.run_dir)
-    run = RunDir(run_dir)
-    resume = cfg.train.resume
-    if resume == "none":
-        existing = run.newest_checkpoint()
-        if existing is not None or run.metrics.exists():
-            what = f"checkpoint {existing.name}" if existing else "metrics.jsonl"
-            raise ConfigError(
-                f"train.run_dir={str(run_dir)!r} already holds a run ({what}); pass "
-                "train.resume=auto to continue it, or choose another train.run_dir"
-            )
-        return None
-    if resume == "auto":
-        return run.newest_checkpoint()
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(
-            f"train.resume={resume!r} is not a directory; give a step_N checkpoint dir, or auto"
-        )
-    return path
+    # Lines the trainer prints as warnings at start (a damaged checkpoint skipped by
+    # train.resume=auto, a demo dataset under a large model).
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def check_run_dir(run_dir: Path, n_params: int) -> None:
@@ -172,7 +155,10 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     else:
         tp = dims.tp
     # `auto` backends and precision become concrete ones for this device and layout, once, here.
-    model_cfg, loss = resolve_backends(cfg.model, cfg.train.loss, device_type, tp)
+    # Under pipeline parallelism the last stage computes the loss from its logits: `auto`
+    # means the torch loss there, never the fused linear + cross-entropy kernel.
+    loss_choice = "torch" if cfg.parallel.pp > 1 and cfg.train.loss == "auto" else cfg.train.loss
+    model_cfg, loss = resolve_backends(cfg.model, loss_choice, device_type, tp)
     precision, precision_reason = resolve_precision(cfg.train.precision, device_type)
     train = dataclasses.replace(cfg.train, loss=loss, precision=precision)
     cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
@@ -181,6 +167,11 @@ def preflight(cfg: Config, world_size: int) -> Plan:
             "train.device=cuda but CUDA is not available here; use train.device=cpu or auto"
         )
     problems += backends_the_device_cannot_run(cfg, device_type)
+    deepspeed = dims is not None and dims.uses_deepspeed
+    problems += float8_problems(cfg, device_type, tp, deepspeed)
+    problems += async_problems(cfg, world_size, deepspeed)
+    if dims is not None:  # ring attention: CUDA and SDPA only (parallel/context.py)
+        attempt(check_cp_device, cfg, device_type, dims.cp)
     manifest = attempt(check_dataset, cfg.data, cfg.model)
 
     def build_meta() -> Transformer:
@@ -190,7 +181,8 @@ def preflight(cfg: Config, world_size: int) -> Plan:
 
     model = attempt(build_meta)
     n_params = None if model is None else count_params(model)
-    resume_from = attempt(resolve_resume, cfg)
+    warnings: list[str] = []
+    resume_from = attempt(resolve_resume, cfg, warnings)
     engine = "deepspeed" if dims is not None and dims.uses_deepspeed else "dcp"
     if resume_from is not None:
         attempt(checkpoint.check_compatible, resume_from, cfg.model, engine)
@@ -211,6 +203,7 @@ def preflight(cfg: Config, world_size: int) -> Plan:
     if n_params is not None:
         attempt(check_run_dir, Path(cfg.train.run_dir), n_params)
     attempt(check_wandb, cfg.logging.wandb.mode)
+    warnings += demo_warnings(cfg)
     if problems:
         raise PreflightError(problems)
     return Plan(
@@ -222,4 +215,5 @@ def preflight(cfg: Config, world_size: int) -> Plan:
         resume_from,
         n_params,
         precision_reason=precision_reason,
+        warnings=warnings,
     )

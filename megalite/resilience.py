@@ -21,6 +21,7 @@ import faulthandler
 import math
 import os
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ class Faults:
     production run has none, and the trainer then skips every fault hook (`active` is False).
 
     - `kill_at=<name>` or `kill_at=<name>@<step>`: SIGKILL this process at the named point.
+    - `hold_at=<name>@<step>`: at the named point, write `<run_dir>/FAILPOINT_HOLDING` and block
+      that thread forever (an asynchronous checkpoint's writer: training goes on meanwhile, and
+      the test kills the process while the save is in flight).
     - `hang_at_step=<n>`: sleep forever at the start of step n (the watchdog's test).
     - `wait_at_step=<n>`: at the start of step n, write `<run_dir>/FAILPOINT_WAITING` and block
       until a signal arrives — the test then signals or kills the process at a step it chose.
@@ -72,6 +76,9 @@ class Faults:
             where, _, at = kill.partition("@")
             if where == name and (not at or (step is not None and int(at) == step)):
                 os.kill(os.getpid(), signal.SIGKILL)
+        hold = self.items.get("hold_at")
+        if hold is not None and hold == f"{name}@{step}":
+            self._hold(hold)
         if name != "step" or step is None:
             return
         if self.items.get("raise_at_step") == str(step):
@@ -81,6 +88,11 @@ class Faults:
         if self.items.get("hang_at_step") == str(step):
             while True:
                 time.sleep(3600)
+
+    def _hold(self, where: str) -> None:
+        if self.run_dir is not None:
+            (self.run_dir / "FAILPOINT_HOLDING").write_text(f"{where}\n")
+        threading.Event().wait()  # never set: only the end of the process ends the wait
 
     def _wait_for_signal(self, step: int) -> None:
         """Announces the wait in a file, then blocks until SIGUSR1 / SIGTERM (SIGKILL just ends
@@ -107,10 +119,11 @@ class Faults:
         return 1.0
 
 
-def failpoint(name: str, step: int | None = None) -> None:
-    """A fault point outside the step loop (checkpoint saves); inert without MEGALITE_FAULT."""
+def failpoint(name: str, step: int | None = None, run_dir: Path | None = None) -> None:
+    """A fault point outside the step loop (checkpoint saves); inert without MEGALITE_FAULT.
+    `run_dir`: where a holding failpoint announces itself."""
     if os.environ.get("MEGALITE_FAULT"):
-        Faults.from_env().at(name, step)
+        Faults.from_env(run_dir=run_dir).at(name, step)
 
 
 # ---------------------------------------------------------------------------------- loss guard

@@ -8,6 +8,8 @@ script, spells PREEMPTED itself).
                                   a resume changed a setting)
         metrics.jsonl             one JSON record per logged step
         summary.json, loss.png    written when the run finishes
+        harness/                  harness evals beside training (eval_watch.py): step_N.json /
+                                  .md per checkpoint, watch.log
         PREEMPTED                 left by a run stopped by SIGUSR1 / SIGTERM; the launcher requeues
         checkpoints/
             latest                name of the newest complete checkpoint
@@ -17,6 +19,9 @@ script, spells PREEMPTED itself).
                 rank_00000.pt ...                per-rank trainer state: RNG, data position
                 meta.json                        step, tokens, world size, engine, model config
             step_00000500.tmp/    a save in progress, renamed to step_00000500/ once complete
+
+    <parent of run_dir>/latest    a symlink to the newest run started in that dir (`runs/latest`
+                                  after `make demo`), replaced atomically by rank 0
 
 meta.json is written last, so a checkpoint dir holding one is complete. A dir megalite-convert
 writes is a checkpoint dir too: DCP files and meta.json, no rank files (weights only).
@@ -28,6 +33,7 @@ any module can read the layout from it without an import cycle.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -61,6 +67,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.summary = self.path / "summary.json"
         self.loss_plot = self.path / "loss.png"
+        self.harness = self.path / "harness"
         # The marker a stopped run leaves for the launcher (launch/slurm.sbatch checks it).
         self.preempted = self.path / "PREEMPTED"
         self.checkpoints = self.path / CHECKPOINTS
@@ -147,3 +154,29 @@ def read_meta(ckpt: Path, fix: str = "give a step_N checkpoint dir") -> dict[str
     if not isinstance(meta, dict):
         raise CheckpointError(f"{str(path)!r} is not a JSON object")
     return meta
+
+
+# The name of the link beside run dirs that points at the newest one started.
+LATEST_RUN = "latest"
+
+
+def point_latest(run_dir: str | Path) -> Path | None:
+    """Makes `<parent>/latest` a symlink to `run_dir` (relative, so the tree can move), so
+    commands can name the newest run without its timestamp (`megalite-eval runs/latest`).
+    Replaced atomically (a link beside it, then a rename), so a reader never sees it missing.
+    Never replaces a file or directory of that name that is not a symlink, and links nothing
+    when the run dir is itself called `latest`. Returns the link, or None when none was made."""
+    run_dir = Path(run_dir)
+    link = run_dir.parent / LATEST_RUN
+    if run_dir.name in (LATEST_RUN, "", ".", "..") or (link.exists() and not link.is_symlink()):
+        return None
+    tmp = link.with_name(f".{LATEST_RUN}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        # A file system without symlinks (some network mounts) only loses the shortcut.
+        tmp.unlink(missing_ok=True)
+        return None
+    return link

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The mesh dims, outermost first: (dp_replicate, dp_shard, tp), tp innermost (one node).
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+# The mesh dims, outermost first: (dp_replicate, dp_shard, cp, tp), tp innermost (one node).
+# cp (context parallel) splits each sequence; FSDP shards over dp_shard x cp (parallel/context.py).
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,13 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy(
             "ddp", "native", ("dp_replicate",), ddp=True, description="replicated data parallel"
         ),
-        Strategy("fsdp", "native", ("dp_shard",), fsdp=True, description="FSDP2 (ZeRO-3 style)"),
+        Strategy(
+            "fsdp", "native", ("dp_shard", "cp"), fsdp=True, description="FSDP2 (ZeRO-3 style)"
+        ),
         Strategy(
             "hsdp",
             "native",
-            ("dp_replicate", "dp_shard"),
+            ("dp_replicate", "dp_shard", "cp"),
             fsdp=True,
             description="FSDP2 within a group, replicated across groups",
         ),

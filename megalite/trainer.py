@@ -22,10 +22,13 @@ import torch
 from omegaconf import OmegaConf
 
 from megalite import checkpoint
+from megalite.bpb import bits_per_byte, data_token_bytes
+from megalite.checkpoint_async import build_saver, refuse_reimported_main
 from megalite.config import Config
 from megalite.data.loader import TrainStream, ValSet, verify_shard_hashes
 from megalite.engine import build_engine
 from megalite.errors import DataError, MegaliteError, TrainingError
+from megalite.eval_watch import start_watcher
 from megalite.memory import estimate_memory
 from megalite.metrics import (
     MetricsLogger,
@@ -44,6 +47,7 @@ from megalite.parallel.distributed import (
     shutdown,
     world_size_from_env,
 )
+from megalite.parallel.float8 import summary as float8_summary
 from megalite.preflight import Plan, preflight
 from megalite.resilience import (
     Faults,
@@ -52,7 +56,7 @@ from megalite.resilience import (
     Verdict,
     Watchdog,
 )
-from megalite.rundir import RunDir
+from megalite.rundir import RunDir, point_latest
 from megalite.shapes import flops_per_token
 
 
@@ -74,6 +78,7 @@ def debug_flags() -> set[str]:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
+        refuse_reimported_main()  # train.ckpt_async=process's helper re-imports the script
         # ---- preflight: every cheap check, before any process group, model or data stream
         plan = preflight(cfg, world_size_from_env())
         # SIGUSR1 / SIGTERM from here on become a clean stop, also during a long start-up; a
@@ -109,6 +114,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
+            point_latest(self.run_dir)  # runs/latest -> this run (rundir.py)
 
         # ---- model + optimizer: the engine for parallel.strategy (engine.py) builds the model
         # on the meta device, parallelizes it from outside, then materializes it (ZeRO-3:
@@ -120,14 +126,16 @@ class Trainer:
         self.engine = build_engine(
             cfg, self.dims, self.mesh, self.device, self.global_batch, init_from, plan.model
         )
+        # train.ckpt_async: checkpoints written in the background (checkpoint_async.py), or None.
+        self.saver = build_saver(cfg, self.engine, self.dist)
 
-        # ---- data: the ranks of one tensor-parallel group read the same samples
+        # ---- data: the ranks of one cp x tp block read the same samples
         dp_rank = self.dims.dp_rank(self.dist.rank)
         # mosaicml-streaming names its shared memory by scanning /dev/shm on every rank: start
         # the ranks together so they see the same segments.
         barrier()
         self.stream = TrainStream(
-            cfg.data, tcfg.micro_batch_size, seed=tcfg.seed, replication=self.dims.tp
+            cfg.data, tcfg.micro_batch_size, seed=tcfg.seed, replication=self.dims.replication
         )
         barrier()
         self.val = ValSet(cfg.data, dp_rank, self.dims.dp)
@@ -161,6 +169,12 @@ class Trainer:
             config=self._config_dict(),
         )
         self.logger.info(plan.precision_reason)
+        if tcfg.float8 != "none":
+            self.logger.info(
+                float8_summary(self.engine.model, cfg, self.device.type, self.peak.device_name)
+            )
+        for line in plan.warnings:  # found by preflight, printed once the logger exists
+            self.logger.info(f"warning: {line}")
         self.logger.info(
             f"megalite: {cfg.name} | model {cfg.model.name} {self.n_params / 1e6:.2f}M params | "
             f"{cfg.parallel.strategy} {self._layout()} on {self.device} | "
@@ -172,6 +186,11 @@ class Trainer:
         self._memory_compared = False  # the measured peak is logged next to it once
         if self.resume_from is not None:
             self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
+        # Bits per byte beside val loss (bpb.py): the bytes each token of the data spells.
+        self._token_bytes = data_token_bytes(cfg.data.dir, cfg.model.vocab_size)
+        self.val_bpb: float | None = None
+        # Downstream evals in a process of their own (eval.harness.every; eval_watch.py).
+        self.eval_watcher = start_watcher(cfg, self.run_dir) if self.dist.is_main else None
 
     # ------------------------------------------------------------------------------ helpers
     def _verify_shard_hashes(self) -> None:
@@ -190,7 +209,9 @@ class Trainer:
 
     def _layout(self) -> str:
         d = self.dims
-        return f"(dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp})"
+        pp = f"pp {d.pp} ({self.cfg.parallel.pp_schedule}) x " if d.pp > 1 else ""
+        cp = f" x cp {d.cp} ({self.cfg.parallel.cp_mode})" if d.cp > 1 else ""
+        return f"({pp}dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x tp {d.tp}{cp})"
 
     def _config_dict(self) -> dict:
         return redact(OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True))
@@ -260,17 +281,30 @@ class Trainer:
         """Mean validation loss over the first eval_batches batches (the same ones each time)."""
         self.engine.model.eval()
         total = torch.zeros((), device=self.device)
-        n = 0
+        n, tokens, nbytes = 0, 0, 0
         for x, y in self.val.batches(self.cfg.train.micro_batch_size, self.cfg.train.eval_batches):
             total += self.engine.eval_loss(x.to(self.device), y.to(self.device))
             n += 1
+            tokens += y.numel()
+            if self._token_bytes is not None:  # a lookup on the host copy: no device sync
+                nbytes += int(self._token_bytes[y].sum())
         if n == 0:
             return float("nan")
-        return self.dist.all_reduce(total / n, "mean").item()
+        # One collective: the mean loss, and the token and byte counts for bits per byte.
+        counts = torch.tensor([tokens, nbytes], dtype=torch.float64, device=self.device)
+        packed = self.dist.all_reduce(torch.cat([(total / n).double().view(1), counts]), "sum")
+        loss, tokens_all, bytes_all = packed.tolist()
+        loss /= self.dist.world_size
+        self.val_bpb = bits_per_byte(loss, tokens_all, bytes_all) if bytes_all else None
+        return loss
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "data": self.stream.state_dict()}
         self._saved_step = self.step
+        if self.saver is not None:
+            return self.saver.save(
+                self.run_dir, self.step, state, self.cfg.model, self.cfg.train.keep_last
+            )
         return checkpoint.save(
             self.run_dir,
             self.step,
@@ -321,6 +355,7 @@ class Trainer:
                             "step": self.step,
                             "val_loss": last_val,
                             "val_ppl": math.exp(min(last_val, 50.0)),
+                            **({"val_bpb": self.val_bpb} if self.val_bpb is not None else {}),
                             "tokens": self.tokens,
                         }
                     )
@@ -374,6 +409,7 @@ class Trainer:
     def _rollback(self, reason: str) -> None:
         """Restores model and optimizer from the newest checkpoint and goes on from the data
         position reached, so the batches that produced the bad steps are not seen again."""
+        self._wait_for_save()  # an in-flight save may be the newest checkpoint
         path = self.run.newest_checkpoint()
         if path is None:
             raise TrainingError(
@@ -393,6 +429,10 @@ class Trainer:
             "batches consumed since"
         )
 
+    def _wait_for_save(self) -> None:
+        if self.saver is not None:
+            self.saver.wait()
+
     def _stop_requested(self) -> bool:
         """Did any rank get a stop signal? (Start-up only: steps carry the flag themselves.)"""
         return self.dist.all_reduce(self.dist.tensor(self._stop_flag()), "max").item() > 0
@@ -401,7 +441,9 @@ class Trainer:
         """SIGUSR1 / SIGTERM: checkpoint now, leave a marker for the launcher, exit cleanly.
         A periodic checkpoint written at this very step is not written again."""
         fresh = save and self._saved_step != self.step
+        self._wait_for_save()  # the in-flight save first (it may be this step's), then this one
         path = self.save_checkpoint() if fresh else self.run.newest_checkpoint()
+        self._wait_for_save()  # committed before the marker says so
         name = signal.Signals(signum).name if signum else "signal"
         if self.dist.is_main:
             marker = {"step": self.step, "signal": name, "checkpoint": str(path)}
@@ -440,9 +482,14 @@ class Trainer:
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        if getattr(self, "eval_watcher", None) is not None:
+            self.eval_watcher.training_done()  # it finishes the last evals alone
         self.logger.close()
         self.stream.close()
         self.val.close()
+        if getattr(self, "saver", None) is not None:
+            # The last checkpoint is committed before exit (after a failure: not waited for).
+            self.saver.close(wait=not failed)
         # Dropping the DDP wrapper before destroying the group avoids an abort at exit.
         del self.engine
         gc.collect()

@@ -253,13 +253,14 @@ def test_sigusr1_checkpoints_and_exits_cleanly_for_requeue(tiny_data, tmp_path, 
 
 # ------------------------------------------------------------------------------ security
 def test_no_eval_exec_or_unsafe_load_in_the_code():
-    pattern = re.compile(r"\b(eval|exec)\(|pickle\.loads?\(|weights_only\s*=\s*False")
+    # builtin eval/exec only: a method such as `schedule.eval(...)` (pipelining) is not one
+    pattern = re.compile(r"(?<![.\w])(eval|exec)\(|pickle\.loads?\(|weights_only\s*=\s*False")
     offenders = []
     for root in ("megalite", "kernels"):
         for path in (REPO / root).rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 code = line.split("#")[0]
-                if pattern.search(code) and ".eval()" not in code:
+                if pattern.search(code):
                     offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders
     text = (REPO / "megalite" / "checkpoint.py").read_text()

@@ -60,16 +60,19 @@ class DistInfo:
                 "it with DistInfo.tensor(...) or .to(dist_info.device)"
             )
 
-    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """A reduced copy of `x` over all ranks (`x` itself at world size 1 with no group).
-        `mean` is SUM then divide: gloo has no AVG."""
+    def all_reduce(
+        self, x: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None = None
+    ) -> torch.Tensor:
+        """A reduced copy of `x` over all ranks, or over the ranks of `group` (e.g. one
+        pipeline's); `x` itself at world size 1 with no group. `mean` is SUM then divide: gloo
+        has no AVG."""
         self.check_device(x)
         if not initialized():
             return x
         out = x.clone()
-        dist.all_reduce(out, op=REDUCE_OPS["sum" if op == "mean" else op])
+        dist.all_reduce(out, op=REDUCE_OPS["sum" if op == "mean" else op], group=group)
         if op == "mean":
-            out /= dist.get_world_size()
+            out /= dist.get_world_size(group)
         return out
 
     def broadcast_object(self, obj: object, src: int = 0) -> object:

@@ -1,8 +1,10 @@
 """The one place parallelism is applied to a model built by megalite.model, from outside it.
 
-Order (torchtitan's): tensor/sequence parallel -> activation checkpointing -> torch.compile ->
-FSDP2, all on the meta device; then the sharded model is materialized and initialized (each rank
-writes only its shards of the same full weights a single process would have); DDP wraps last.
+Order (torchtitan's): float8 conversion (parallel/float8.py) -> tensor/sequence parallel ->
+context parallel (parallel/context.py: hooks and the attention function) -> activation
+checkpointing -> torch.compile -> FSDP2 (over dp_shard x cp), all on the meta device; then the
+sharded model is materialized and initialized (each rank writes only its shards of the same full
+weights a single process would have); DDP wraps last.
 DeepSpeed strategies build through parallel/deepspeed.py: zero1/2 materialize here and their
 engine wraps the model; zero3 never comes here (its model is partitioned as it is constructed).
 """
@@ -21,7 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from megalite.config import Config
 from megalite.model.transformer import Transformer
 from megalite.parallel.checkpointing import apply_ac
+from megalite.parallel.context import apply_cp, fsdp_mesh
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.float8 import convert as convert_float8
 from megalite.parallel.fsdp import apply_fsdp
 from megalite.parallel.tp import apply_tp
 
@@ -34,7 +38,10 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
-    """The mesh FSDP shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
+    """The mesh FSDP shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP;
+    with context parallelism dp_shard x cp takes dp_shard's place."""
+    if dims.cp > 1:
+        return fsdp_mesh(mesh, dims.dp_replicate)
     if dims.dp_replicate > 1:
         return mesh["dp_replicate", "dp_shard"]
     return mesh["dp_shard"]
@@ -58,12 +65,16 @@ def parallelize(
     device: torch.device,
 ) -> nn.Module:
     """Takes the model on the meta device; returns the materialized module to train."""
+    # First, so TP, AC, compile and FSDP2 all wrap the float8 modules (a no-op for float8=none).
+    convert_float8(model, cfg, device_type=device.type, fsdp=dims.uses_fsdp)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
         # TP gave the embedding and the output layer new (DTensor) parameters; both are split
         # over the vocabulary (Shard(0)), so a tied pair can share one again. FSDP then tracks
         # the shared parameter once.
         model.tie_weights()
+    if dims.cp > 1:
+        apply_cp(model, mesh["cp"], cfg.parallel.cp_mode)
     apply_ac(model, cfg.parallel.activation_checkpointing)
     if cfg.train.compile:
         compile_blocks(model)
