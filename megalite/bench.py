@@ -26,7 +26,6 @@ planned memory), results.md (the same as a table) and results.png.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from megalite import cli_args
 from megalite.bench_grid import (
     BenchConfig,
     Cell,
@@ -348,14 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if "MEGALITE_BENCH_WORKER" in os.environ:
         worker()
         return 0
-    p = argparse.ArgumentParser(
-        prog="megalite-bench",
-        description="MFU benchmark grid. Trailing KEY=VALUE arguments are Hydra overrides of the "
-        "bench config (grid.seq_len=[128,256], measure_steps=20, 'overrides=[\"optim.lr=1e-4\"]').",
-    )
-    p.add_argument("--config", default="cpu_smoke", help="conf/bench/<name>.yaml")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
-    p.add_argument("overrides", nargs="*")
+    p = cli_args.bench()
     args = p.parse_args(argv)
     try:
         bench = compose_bench(args.config, args.overrides)

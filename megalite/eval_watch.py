@@ -32,7 +32,6 @@ fill the disk of a run that never waits for it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fcntl
 import json
@@ -48,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from megalite import cli_args
 from megalite.config import Config, HarnessConfig
 from megalite.errors import MegaliteError, cli_error
 from megalite.rundir import RunDir
@@ -414,31 +414,8 @@ def _stdin_closed() -> threading.Event:
 
 
 # ---------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megalite-eval watch",
-        description=" ".join(__doc__.split("\n\n")[0].split()).replace("`", ""),
-    )
-    p.add_argument("run_dir", help="the run dir whose checkpoints to evaluate")
-    p.add_argument("--tasks", help="comma-separated tasks (default: the run's eval.harness.tasks)")
-    p.add_argument("--every", type=int, help="steps between evals (0: every checkpoint)")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
-    p.add_argument("--include-path", help="a directory of local task YAMLs")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", help="auto, cpu or cuda (default: the run's, else cpu)")
-    p.add_argument("--precision", help="fp32 or bf16")
-    p.add_argument("--poll-s", type=float, default=10.0, help="seconds between scans")
-    p.add_argument("--once", action="store_true", help="evaluate what is there, then exit")
-    p.add_argument(
-        "--until-stdin-closes", action="store_true",
-        help="stop when stdin closes (how the trainer runs it), not when the run finishes",
-    )  # fmt: skip
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = cli_args.watch().parse_args(argv)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     run_dir = Path(args.run_dir)
     try:

@@ -19,7 +19,6 @@ Shape legend: B batch, T sequence.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from megalite import cli_args
 from megalite.bpb import bits_per_byte, token_bytes
 from megalite.checkpoint import inference_config, load_for_inference, resolve_checkpoint
 from megalite.config import ConfigError, DataConfig, ModelConfig
@@ -309,30 +309,6 @@ def _split_tokenizer(data: DataConfig, ckpt: Path, override: str | None):
 
 
 # --------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megalite-eval",
-        description="The perplexity of a checkpoint: mean next-token cross-entropy (nats) and "
-        "its exp, on the run's validation split, another prepared dataset (--data-dir) or a "
-        "text file (--text).",
-        epilog="subcommands: `megalite-eval harness CKPT --tasks ...` (lm-evaluation-harness "
-        "tasks), `megalite-eval watch RUN_DIR` (evaluate each new checkpoint of a run); each "
-        "has its own --help",
-    )
-    p.add_argument("checkpoint", help="step_N dir, run dir (newest checkpoint) or converted dir")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", help="a UTF-8 text file, tokenized with the run's tokenizer")
-    src.add_argument("--data-dir", help="a prepared dataset whose val split to use")
-    p.add_argument("--seq-len", type=int, help="window for --text (default: the run's seq_len)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (8)")
-    p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0: all)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's / run's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
-    p.add_argument("--json", help="also write the result to this JSON file")
-    return p
-
-
 # Subcommands, each in its own module (lm_eval is imported only when one runs).
 SUBCOMMANDS = {"harness": "megalite.harness", "watch": "megalite.eval_watch"}
 
@@ -343,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = cli_args.evaluate().parse_args(argv)
     try:
         res = evaluate(
             args.checkpoint,

@@ -16,7 +16,6 @@ Shape legend: B batch, T sequence, V vocab.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from megalite import cli_args
 from megalite.checkpoint import load_for_inference, resolve_checkpoint
 from megalite.config import ConfigError
 from megalite.data.common import DataError
@@ -165,26 +165,8 @@ def _last_logits(model: Transformer, seqs: list[list[int]], device: torch.device
 
 
 # --------------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megalite-generate", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="step_N dir, run dir (newest checkpoint) or converted dir")
-    p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
-    p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="per prompt (64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of mass p")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's / run's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the prefix every step")
-    p.add_argument("--json", help="also write prompts and completions to this JSON file")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = cli_args.generate().parse_args(argv)
     try:
         texts = list(args.prompt)
         if args.prompts_file:

@@ -34,7 +34,6 @@ recompiles as inductor without its C++ codegen (80 s cold on a 2-core machine).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -46,9 +45,10 @@ from pathlib import Path
 
 import torch
 
+from megalite import cli_args
 from megalite.gpu_check_train import GPU, SMOKE, Context, error
 
-SECTIONS = ("kernels", "train", "compile", "perf")
+SECTIONS = cli_args.GPU_CHECK_SECTIONS
 
 
 # ------------------------------------------------------------------------------------ data
@@ -156,18 +156,7 @@ def _usage_error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="megalite-gpu-check",
-        description="GPU acceptance check: kernels vs reference, training on a world-size-1 "
-        "NCCL group, compile recompiles, throughput. Prints markdown tables, writes CSV.",
-    )
-    parser.add_argument("--out", default="gpu-check", help="output dir (default: gpu-check)")
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter, gloo)"
-    )
-    parser.add_argument(
-        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
-    )
+    parser = cli_args.gpu_check()
     args = parser.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     if bad := [s for s in sections if s not in SECTIONS]:

@@ -24,7 +24,6 @@ Shape legend: B batch, T sequence, V vocab.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import functools
 import importlib.util
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from megalite import cli_args
 from megalite.checkpoint import (
     check_compatible,
     inference_config,
@@ -525,37 +525,8 @@ def write_results(results: dict[str, Any], out: Path, stem: str) -> tuple[Path, 
 
 
 # ---------------------------------------------------------------------------------- CLI
-def _limit(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value >= 1 and value.is_integer() else value
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megalite-eval harness",
-        description=" ".join(__doc__.split("\n\n")[0].split()).replace("`", ""),
-    )
-    p.add_argument("checkpoint", help="step_N dir, run dir (newest checkpoint) or converted dir")
-    p.add_argument("--tasks", required=True, help="comma-separated task / group / tag names")
-    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
-    p.add_argument("--limit", type=_limit, help="examples per task (a fraction if < 1)")
-    p.add_argument("--include-path", help="a directory of local task YAMLs")
-    p.add_argument(
-        "--no-default-tasks", action="store_true",
-        help="look only in --include-path (skips indexing lm_eval's ~15k tasks, ~10 s)",
-    )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's / run's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=".", help="directory for results.json and results.md")
-    p.add_argument("--log-samples", action="store_true", help="keep every request's scores")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = cli_args.harness().parse_args(argv)
     # lm_eval logs each task's set-up at INFO; the table below is the output.
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     try:

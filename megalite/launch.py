@@ -5,6 +5,8 @@
     megalite-launch slurm --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
         --job-name llama3-8b -- model=llama3_8b parallel=fsdp_tp    # sbatch it, print the job id
     megalite-launch slurm ... --dry-run                             # print the batch script
+    megalite-launch eval-watch runs/llama3-8b --gpus 1 --after 1234 -- --tasks hellaswag
+    megalite-launch prepare corpus/ --out data/c4 --tasks 64 --partition cpu   # a job array
 
 Everything after `--` is a Hydra override for megalite-train. Launched runs default to
 train.resume=auto (an explicit train.resume override wins): a restarted worker group and a
@@ -19,7 +21,8 @@ That lead is estimated from the composed config (`plan.preemption_grace`: the st
 least 120 s) unless `--signal-grace` gives it; with `--no-check` it is the 120 s floor.
 
 The batch job and its script (rendered from `launch/slurm.sbatch`) are megalite/launch_slurm.py.
-`launch/torchrun.sh` is the hand-editable twin of `local`.
+`launch/torchrun.sh` is the hand-editable twin of `local`. The jobs beside training (the eval
+watcher, the data preparation array) are megalite/launch_jobs.py.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from megalite import launch_jobs
 from megalite.errors import LaunchError, MegaliteError, cli_error
 from megalite.launch_slurm import (
     CONTAINER_RUNTIMES,
@@ -172,8 +176,9 @@ def estimate_grace(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megalite-launch",
-        description="Start megalite-train with torchrun on this node, or as a SLURM batch job. "
-        "Arguments after `--` are Hydra overrides for megalite-train.",
+        description="Start megalite-train with torchrun on this node, or as a SLURM batch job "
+        "(arguments after `--` are Hydra overrides for megalite-train); submit the eval watcher "
+        "or a data preparation as SLURM jobs of their own.",
     )
     sub = parser.add_subparsers(dest="mode", required=True)
 
@@ -239,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTION",
         help="one more #SBATCH option, e.g. --sbatch-arg=--mem=0",
     )
+
+    launch_jobs.add_parsers(sub)  # eval-watch, prepare: jobs beside training
 
     for p in (local, slurm):
         p.add_argument("--torchrun", help="torchrun executable (the one next to this Python)")
@@ -324,10 +331,19 @@ def run_slurm(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args.overrides[:1] == ["--"]:
-        args.overrides = args.overrides[1:]
     try:
+        if argv[:1] == ["prepare"]:  # every argument is megalite-data prepare's, --help included
+            return launch_jobs.run_prepare(argparse.Namespace(prepare_args=argv[1:]))
+        if argv[:1] == ["eval-watch"] and "--" in argv:  # the rest is megalite-eval watch's
+            cut = argv.index("--")
+            args = build_parser().parse_args(argv[:cut])
+            args.watch_args = argv[cut + 1 :]
+        else:
+            args = build_parser().parse_args(argv)
+        if args.mode == "eval-watch":
+            return launch_jobs.run_eval_watch(args)
+        if args.overrides[:1] == ["--"]:
+            args.overrides = args.overrides[1:]
         if args.mode == "local":
             return run_local(args)
         return run_slurm(args, argv)

@@ -24,7 +24,6 @@ Memory is in GB of 2^30 bytes, as the trainer's `mem_gb`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
@@ -32,11 +31,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megalite import cli_args
 from megalite.backends import AC_MODES
 from megalite.config import Config, ModelConfig
 from megalite.devices import (
     DEVICES,
-    PEAK_PRECISIONS,
     lookup_device,
     lookup_peak_tflops,
     resolve_precision,
@@ -48,7 +47,7 @@ from megalite.parallel.dims import ParallelDims, check_world_size
 from megalite.shapes import checkpoint_bytes, flops_per_token, param_count
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
-INFERENCE_TOKENS_PER_PARAM = 200.0
+INFERENCE_TOKENS_PER_PARAM = cli_args.INFERENCE_TOKENS_PER_PARAM
 # Usable share of a device's memory: the CUDA context, NCCL buffers and allocator fragmentation
 # take the rest.
 USABLE_FRACTION = 0.9
@@ -204,62 +203,12 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.3g}{unit}"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megalite-plan",
-        description="Compute budget -> compute-optimal model and tokens, closest preset, memory "
-        "per rank for a layout, and wall time. Trailing KEY=VALUE arguments are megalite-train "
-        "overrides for the memory plan (parallel.tp=4, train.micro_batch_size=2, ...).",
-    )
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu", default="h100", help="GPU type, e.g. h100, 'h100 pcie', a100, mi300x")
-    p.add_argument("--hours", type=float, required=True, help="wall-clock hours of training")
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU, 0-1 (default 0.4)")
-    p.add_argument("--precision", choices=PEAK_PRECISIONS, default="bf16", help="peak to use")
-    p.add_argument("--peak-tflops", type=float, help="dense peak per GPU, overrides the table")
-    p.add_argument("--gpu-mem-gb", type=float, help="memory per GPU, overrides the table")
-    p.add_argument(
-        "--inference-tokens-per-param",
-        type=float,
-        default=INFERENCE_TOKENS_PER_PARAM,
-        help=f"tokens per parameter of the inference-heavy plan (default "
-        f"{INFERENCE_TOKENS_PER_PARAM:g})",
-    )
-    p.add_argument(
-        "--model",
-        help="preset for the memory plan and wall time (default: the "
-        "preset closest to the compute-optimal size)",
-    )
-    p.add_argument("--layout", default="fsdp", help="conf/parallel preset (default fsdp)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-batch")
-    p.add_argument("--seq-len", type=int, help="default: min(8192, the model's max_seq_len)")
-    p.add_argument(
-        "--tokens",
-        type=float,
-        help="tokens to train on for the wall time (default: 20 per parameter of the model)",
-    )
-    p.add_argument(
-        "--recommend-layout",
-        action="store_true",
-        help="search pp x dp x tp x micro-batches x AC layouts that fit, best first "
-        "(parallel/pp_plan.py)",
-    )
-    p.add_argument(
-        "--global-batch",
-        type=int,
-        help="sequences per optimizer step for --recommend-layout (default: 4M tokens, "
-        "Llama 3's starting batch)",
-    )
-    p.add_argument("overrides", nargs="*", help="megalite-train overrides (KEY=VALUE)")
-    return p
-
-
 def _fail(msg: str) -> int:
     return cli_error("megalite-plan", MegaliteError(msg))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = cli_args.plan().parse_args(argv)
     device = lookup_device(args.gpu)
     peak = args.peak_tflops or (lookup_peak_tflops(args.gpu, args.precision) if device else None)
     if peak is None:

@@ -178,13 +178,13 @@ def test_runs_latest_points_at_the_newest_run(small_run, tmp_path):
 
 
 # ---------------------------------------------------------------- 5. --help
-def _help_in_a_fresh_process(module: str, argv: list[str]) -> tuple[str, bool]:
+def _help_in_a_fresh_process(module: str, argv: list[str], entry: str = "main") -> tuple[str, bool]:
     """(the help text, whether torch was imported), from `main()` as the console script calls
     it, with `argv` as the command line."""
     code = (
         "import sys, io, contextlib\n"
         f"sys.argv = {argv!r}\n"
-        f"from {module} import main\n"
+        f"from {module} import {entry} as main\n"
         "out = io.StringIO()\n"
         "try:\n"
         "    with contextlib.redirect_stdout(out):\n"
@@ -222,6 +222,47 @@ def test_train_help_says_what_it_does_without_importing_torch():
 
     groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert groups - {"bench"} == set(GROUPS)  # a new group must be described in --help
+
+
+def test_every_cli_answers_help_without_importing_torch():
+    """The console scripts of setup.py (cli_args.py's entries for the CLIs that need torch):
+    `--help`, and a subcommand's, print the command's usage with torch never imported."""
+    cases = [
+        ("megalite.cli_args", "eval_main", ["megalite-eval", "--help"], "usage: megalite-eval"),
+        ("megalite.cli_args", "eval_main", ["megalite-eval", "harness", "-h"],
+         "usage: megalite-eval harness"),
+        ("megalite.cli_args", "eval_main", ["megalite-eval", "watch", "--help"],
+         "usage: megalite-eval watch"),
+        ("megalite.cli_args", "generate_main", ["megalite-generate", "--help"],
+         "usage: megalite-generate"),
+        ("megalite.cli_args", "convert_main", ["megalite-convert", "to-hf", "--help"],
+         "usage: megalite-convert to-hf"),
+        ("megalite.cli_args", "bench_main", ["megalite-bench", "--help"], "usage: megalite-bench"),
+        ("megalite.cli_args", "plan_main", ["megalite-plan", "--help"], "usage: megalite-plan"),
+        ("megalite.cli_args", "gpu_check_main", ["megalite-gpu-check", "--help"],
+         "usage: megalite-gpu-check"),
+        ("megalite.launch", "main", ["megalite-launch", "--help"], "usage: megalite-launch"),
+        ("megalite.data.cli", "main", ["megalite-data", "--help"], "usage: megalite-data"),
+        ("megalite.scale.cli", "main", ["megalite-scale", "--help"], "usage: megalite-scale"),
+    ]  # fmt: skip
+    for module, entry, argv, usage in cases:
+        text, torch_loaded = _help_in_a_fresh_process(module, argv, entry)
+        assert text.startswith(usage), (argv, text[:200])
+        assert not torch_loaded, argv
+    # The entries point there, and the parsers' constants are the modules' own.
+    setup = (REPO / "setup.py").read_text()
+    for prog, entry in [("megalite-eval", "eval_main"), ("megalite-plan", "plan_main"),
+                        ("megalite-generate", "generate_main"), ("megalite-bench", "bench_main"),
+                        ("megalite-convert", "convert_main"),
+                        ("megalite-gpu-check", "gpu_check_main")]:  # fmt: skip
+        assert f'"{prog}=megalite.cli_args:{entry}"' in setup
+    from megalite import cli_args, devices, gpu_check, plan
+    from megalite.interop import llama_hf
+
+    assert cli_args.PEAK_PRECISIONS == devices.PEAK_PRECISIONS
+    assert cli_args.EXPORT_DTYPES == tuple(sorted(llama_hf.DTYPES))
+    assert gpu_check.SECTIONS == cli_args.GPU_CHECK_SECTIONS
+    assert plan.INFERENCE_TOKENS_PER_PARAM == cli_args.INFERENCE_TOKENS_PER_PARAM
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,10 @@ import json
 import sys
 from pathlib import Path
 
+from megalite import cli_args
 from megalite.checkpoint import load_for_inference, resolve_checkpoint
 from megalite.errors import MegaliteError, cli_error
 from megalite.interop.llama_hf import (
-    DTYPES,
     Imported,
     InteropError,
     export_hf,
@@ -122,40 +122,8 @@ def from_deepspeed(args: argparse.Namespace) -> Path:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megalite-convert", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    hf = sub.add_parser("from-hf", help="Hugging Face Llama dir -> megalite checkpoint dir")
-    hf.add_argument("src", help="dir with config.json and *.safetensors (sharded index too)")
-    hf.add_argument("out", help="output checkpoint dir (train.init_from)")
-    hf.add_argument("--name", help="model preset name (default: the source dir's name)")
-    hf.add_argument("--max-seq-len", type=int, help="default: max_position_embeddings")
-    hf.add_argument("--overwrite", action="store_true")
-    meta = sub.add_parser("from-meta", help="Meta Llama dir (params.json) -> megalite checkpoint")
-    meta.add_argument("src", help="dir with params.json and consolidated.00.pth")
-    meta.add_argument("out")
-    meta.add_argument("--name")
-    meta.add_argument(
-        "--max-seq-len", type=int, default=4096, help="params.json does not record it"
-    )
-    meta.add_argument("--overwrite", action="store_true")
-    exp = sub.add_parser("to-hf", help="megalite checkpoint -> Hugging Face Llama dir")
-    exp.add_argument("checkpoint", help="step_N dir, run dir (newest checkpoint) or converted dir")
-    exp.add_argument("out")
-    exp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    exp.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's / run's)")
-    exp.add_argument("--no-tokenizer", action="store_true", help="write the model only")
-    exp.add_argument("--overwrite", action="store_true")
-    ds = sub.add_parser(
-        "from-deepspeed", help="DeepSpeed ZeRO checkpoint (zero1/2/3 run) -> megalite DCP weights"
-    )
-    ds.add_argument("checkpoint", help="a step_N dir written by a zero1/2/3 run")
-    ds.add_argument("out", help="new directory for the DCP checkpoint (train.init_from)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = cli_args.convert().parse_args(argv)
     try:
         if args.command in ("from-hf", "from-meta"):
             importer = import_hf if args.command == "from-hf" else import_meta

@@ -1,5 +1,5 @@
-"""`megalite-data prepare --tasks 2 --executor slurm` on a real SLURM (slurmctld + two slurmd nodes
-on this machine, tests/launch/slurm_cluster.py): a job array of the two tasks, then the merge job
+"""`megalite-launch prepare --tasks 2` (`megalite-data prepare --executor slurm`) on a real SLURM
+(slurmctld + two slurmd nodes on this machine, tests/launch/slurm_cluster.py): a job array of the two tasks, then the merge job
 after it (afterok), gives the same dataset as one task prepared here."""
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def test_slurm_array_prepare_matches_one_task(slurm, tmp_path):
     )  # fmt: skip
     out = tmp_path / "out"
     res = run_cli(
-        [str(BIN / "megalite-data"), "prepare", str(corpus), "--out", str(out), *OPTIONS,
-         "--tasks", "2", "--workers", "1", "--executor", "slurm", "--time", "10"],
+        [str(BIN / "megalite-launch"), "prepare", str(corpus), "--out", str(out), *OPTIONS,
+         "--tasks", "2", "--workers", "1", "--time", "10"],
         env={"SLURM_CONF": str(slurm.conf)},
         cwd=tmp_path,
         timeout=300,

@@ -1,0 +1,75 @@
+"""`megalite-launch eval-watch` and `megalite-launch prepare`: the jobs beside training. The
+watcher job's script runs `megalite-eval watch` with the given options; bad input is one error
+line before anything is written. (The prepare array on a real SLURM:
+tests/data/test_slurm_prepare.py, which submits through megalite-launch.)"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from megalite import launch
+
+
+def test_eval_watch_dry_run_renders_the_watcher_job(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval-watch", str(run), "--gpus", "1", "--time", "2:00:00", "--partition", "eval"]
+    argv += ["--dry-run", "--", "--tasks", "hellaswag,arc_easy", "--every", "1000"]
+    assert launch.main(argv) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --gres=gpu:1" in script
+    assert "#SBATCH --time=2:00:00" in script and "#SBATCH --partition=eval" in script
+    assert "--dependency" not in script and "until [" not in script
+    last = script.strip().splitlines()[-1]
+    assert last.endswith(
+        f"-m megalite.evaluate watch {run} --tasks hellaswag,arc_easy --every 1000 --device cuda"
+    )
+    assert not (tmp_path / "logs").exists()  # a dry run writes nothing
+
+
+def test_eval_watch_after_the_training_job_waits_for_its_run_dir(tmp_path, capsys):
+    run = tmp_path / "not-yet"
+    argv = ["eval-watch", str(run), "--after", "4242", "--dry-run", "--", "--device", "cpu"]
+    assert launch.main(argv) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --dependency=after:4242" in script
+    assert f"until [ -d {run} ]; do sleep 10; done" in script
+    assert "--gres" not in script and script.count("--device") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["eval-watch", "{tmp}/nope"], r"run dir '.*nope' does not exist; .* --after"),
+        (["eval-watch", "{tmp}", "--after", "x"], r"--after='x' is not a job id"),
+        (["eval-watch", "{tmp}", "--gpus", "-1"], r"--gpus"),
+        (["eval-watch", "{tmp}", "--time", "soon"], r"--time"),
+        (["prepare", "in", "--out", "o", "--executor", "local"], r"drop --executor"),
+    ],
+)
+def test_bad_job_input_is_one_error_line(argv, match, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [a.replace("{tmp}", str(work)) for a in argv]
+    assert launch.main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("megalite-launch: error: ")
+    assert re.search(match, err), err
+    assert list(work.iterdir()) == []
+
+
+def test_prepare_submits_prepare_as_a_slurm_array(tmp_path, capsys, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text\n" * 50)
+    monkeypatch.chdir(tmp_path)
+    argv = ["prepare", str(corpus), "--out", str(tmp_path / "out"), "--tasks", "3"]
+    argv += ["--seq-len", "32", "--vocab-size", "512", "--time", "30", "--dry-run"]
+    assert launch.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --array=0-2" in out and '--task "$SLURM_ARRAY_TASK_ID"' in out
+    assert "--merge" in out
