@@ -73,3 +73,51 @@ def test_prepare_submits_prepare_as_a_slurm_array(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-2" in out and '--task "$SLURM_ARRAY_TASK_ID"' in out
     assert "--merge" in out
+
+
+@pytest.mark.slow
+def test_eval_watch_job_on_slurm_evaluates_each_checkpoint(slurm, tiny_data, tmp_path, monkeypatch):
+    """A finished tiny run (checkpoints at 2 and 4); `megalite-launch eval-watch` submits the
+    watcher to the real one-machine SLURM; the job evaluates both checkpoints with the local
+    harness tasks, appends their rows to metrics.jsonl and exits once the run's last step is
+    done (an event: the job's state, no clock)."""
+    from megalite.trainer import Trainer
+    from tests.conftest import BIN, REPO, compose, run_cli, tiny_train_overrides
+    from tests.launch.procs import wait_for
+    from tests.test_eval_watch import TASK_DIR, harness_rows
+
+    run = tmp_path / "run"
+    cfg = compose(
+        [*tiny_train_overrides(tiny_data, run, max_steps=4, ckpt_every=2, eval_every=0),
+         "eval.harness.tasks=[megalite_tiny_mc,megalite_tiny_rolling]",
+         f"eval.harness.include_path={TASK_DIR}", "eval.harness.limit=3",
+         "eval.harness.batch_size=4"]
+    )  # fmt: skip
+    Trainer(cfg).fit()
+    assert harness_rows(run) == []  # eval.harness.every is 0: the trainer started no watcher
+    logs = tmp_path / "logs"
+    env = {
+        "SLURM_CONF": str(slurm.conf),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
+    }
+    res = run_cli(
+        [str(BIN / "megalite-launch"), "eval-watch", str(run), "--cpus-per-task", "1",
+         "--time", "10", "--output-dir", str(logs), "--", "--every", "2", "--poll-s", "1"],
+        env=env, cwd=REPO, timeout=120,  # cwd: the task YAMLs' data files are repo-relative
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().splitlines()[-1]
+    assert job_id.isdigit(), res.stdout
+
+    def finished() -> dict | None:
+        job = slurm.job(job_id)
+        return job if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+
+    job = wait_for(finished, 900, f"watcher job {job_id}", interval=0.5)
+    log = "\n".join(p.read_text()[-3000:] for p in logs.glob("*.out"))
+    assert job["JobState"] == "COMPLETED", log
+    rows = harness_rows(run)
+    assert [r["step"] for r in rows] == [2, 4], (rows, log)
+    assert all(0.0 <= r["harness/megalite_tiny_mc/acc"] <= 1.0 for r in rows)
+    assert (logs / "megalite-eval.sbatch").is_file()
