@@ -11,14 +11,12 @@ that job to start (`--after JOBID`: `#SBATCH --dependency=after:JOBID`).
 from __future__ import annotations
 
 import shlex
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megalite.errors import LaunchError
-from megalite.launch_slurm import at_least, time_limit_seconds
+from megalite.launch_slurm import at_least, require_sbatch, sbatch_file, time_limit_seconds
 
 _WATCH = """#!/bin/bash
 # megalite-eval watch as a job of its own, rendered by megalite-launch eval-watch.
@@ -91,31 +89,17 @@ class WatchJob:
         )
 
 
-def sbatch(script: Path, args: list[str] = ()) -> str:
-    """Submits a written script with `sbatch --parsable`; returns the job id."""
-    if shutil.which("sbatch") is None:
-        raise LaunchError("sbatch is not on PATH; run this on a SLURM login node, or add --dry-run")
-    res = subprocess.run(
-        ["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        raise LaunchError(
-            f"sbatch {script} failed (exit {res.returncode}): {res.stderr.strip()}; the script "
-            f"is kept at {script}"
-        )
-    return res.stdout.strip().split(";")[0]
-
-
 def submit_watch(job: WatchJob, dry_run: bool = False) -> str | None:
     text = job.script()
     if dry_run:
         sys.stdout.write(text)
         return None
+    require_sbatch()
     logs = Path(job.output_dir)
     logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
     path = logs / f"{job.job_name}.sbatch"
     path.write_text(text)
-    return sbatch(path)
+    return sbatch_file(path)
 
 
 def run_eval_watch(args) -> int:

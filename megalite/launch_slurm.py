@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,23 +306,35 @@ def render_sbatch(job: SlurmJob, argv: list[str] | None = None) -> str:
     return render(template, sbatch_values(job, command))
 
 
-def submit(job: SlurmJob, script: str) -> tuple[str, Path]:
-    """Writes the script to <output_dir>/<job_name>.sbatch, submits it; returns (job id, path)."""
+def require_sbatch() -> str:
+    """sbatch's path, or one error; called before anything is written."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise LaunchError(
-            "sbatch is not on PATH; run megalite-launch slurm on a SLURM login node, or add "
-            "--dry-run to print the script"
+            "sbatch is not on PATH; run this on a SLURM login node, or add --dry-run to print "
+            "the script"
         )
-    out = Path(job.output_dir)
-    out.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
-    path = out / job.script_name
-    path.write_text(script)
-    path.chmod(0o755)
-    res = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+    return sbatch
+
+
+def sbatch_file(path: Path, args: Sequence[str] = ()) -> str:
+    """`sbatch --parsable [args] path`: the job id, or one error naming the script (kept)."""
+    sbatch = require_sbatch()
+    res = subprocess.run([sbatch, "--parsable", *args, str(path)], capture_output=True, text=True)
     if res.returncode != 0:
         raise LaunchError(
             f"sbatch {path} failed (exit {res.returncode}): {res.stderr.strip()}; the script is "
             f"kept at {path}"
         )
-    return res.stdout.strip().split(";")[0], path
+    return res.stdout.strip().split(";")[0]
+
+
+def submit(job: SlurmJob, script: str) -> tuple[str, Path]:
+    """Writes the script to <output_dir>/<job_name>.sbatch, submits it; returns (job id, path)."""
+    require_sbatch()
+    out = Path(job.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
+    path = out / job.script_name
+    path.write_text(script)
+    path.chmod(0o755)
+    return sbatch_file(path), path

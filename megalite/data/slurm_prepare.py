@@ -12,14 +12,11 @@ with megalite-launch's rules (launch_slurm.py).
 from __future__ import annotations
 
 import shlex
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megalite.errors import LaunchError
-from megalite.launch_slurm import at_least, time_limit_seconds
+from megalite.launch_slurm import at_least, require_sbatch, sbatch_file, time_limit_seconds
 
 _TEMPLATE = """#!/bin/bash
 # {what}, rendered by megalite-data prepare --executor slurm.
@@ -86,18 +83,6 @@ class SlurmArray:
         return tasks, merge
 
 
-def _sbatch(args: list[str], script: Path) -> str:
-    res = subprocess.run(
-        ["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        raise LaunchError(
-            f"sbatch {script} failed (exit {res.returncode}): {res.stderr.strip()}; the script "
-            f"is kept at {script}"
-        )
-    return res.stdout.strip().split(";")[0]
-
-
 def submit_array(job: SlurmArray, config: Path, dry_run: bool = False) -> tuple[str, str] | None:
     """Writes both scripts beside the logs and submits them; returns (array id, merge id)."""
     tasks, merge = job.scripts(config)
@@ -105,10 +90,7 @@ def submit_array(job: SlurmArray, config: Path, dry_run: bool = False) -> tuple[
         print(tasks)
         print(merge)
         return None
-    if shutil.which("sbatch") is None:
-        raise LaunchError(
-            "sbatch is not on PATH; run --executor slurm on a SLURM login node, or add --dry-run"
-        )
+    require_sbatch()  # before anything is written
     logs = Path(job.log_dir)
     logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
     paths = []
@@ -116,6 +98,6 @@ def submit_array(job: SlurmArray, config: Path, dry_run: bool = False) -> tuple[
         path = logs / f"{job.job_name}-{name}.sbatch"
         path.write_text(text)
         paths.append(path)
-    array_id = _sbatch([], paths[0])
-    merge_id = _sbatch([f"--dependency=afterok:{array_id}"], paths[1])
+    array_id = sbatch_file(paths[0])
+    merge_id = sbatch_file(paths[1], [f"--dependency=afterok:{array_id}"])
     return array_id, merge_id
