@@ -482,14 +482,17 @@ class Trainer:
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        if getattr(self, "eval_watcher", None) is not None:
-            self.eval_watcher.training_done()  # it finishes the last evals alone
-        self.logger.close()
-        self.stream.close()
-        self.val.close()
-        if getattr(self, "saver", None) is not None:
-            # The last checkpoint is committed before exit (after a failure: not waited for).
-            self.saver.close(wait=not failed)
+        try:
+            if getattr(self, "saver", None) is not None:
+                # The last checkpoint is committed before exit (after a failure: not waited
+                # for), and before the watcher hears training is done, so it sees that one.
+                self.saver.close(wait=not failed)
+        finally:
+            if getattr(self, "eval_watcher", None) is not None:
+                self.eval_watcher.training_done()  # it finishes the last evals alone
+            self.logger.close()
+            self.stream.close()
+            self.val.close()
         # Dropping the DDP wrapper before destroying the group avoids an abort at exit.
         del self.engine
         gc.collect()
