@@ -5,7 +5,7 @@ array, data/slurm_prepare.py).
 The watcher job runs `megalite-eval watch RUN_DIR` on its own allocation (a GPU of its own with
 `--gpus 1`), so training's nodes never run an eval; it exits once the run has finished and its last
 checkpoint is evaluated. Submitted before the training job has created its run dir, it waits for
-that job to start (`--after JOBID`: `#SBATCH --dependency=after:JOBID`).
+that job to start (`--after JOBID`: `#SBATCH --dependency=after:JOBID`) and for its config.yaml.
 """
 
 from __future__ import annotations
@@ -75,8 +75,10 @@ class WatchJob:
         if self.gpus and not any(a == "--device" or a.startswith("--device=") for a in args):
             args += ["--device", "cuda"]
         run_dir = shlex.quote(str(Path(self.run_dir).resolve()))
-        # Started with the training job, the watcher may come up before the run dir exists.
-        wait = f"until [ -d {run_dir} ]; do sleep 10; done\n" if self.after is not None else ""
+        # Started with the training job, the watcher may come up before training has written
+        # the run's config (where it reads eval.harness and train.max_steps).
+        config = shlex.quote(str(Path(self.run_dir).resolve() / "config.yaml"))
+        wait = f"until [ -f {config} ]; do sleep 10; done\n" if self.after is not None else ""
         return _WATCH.format(
             wait=wait,
             name=self.job_name,

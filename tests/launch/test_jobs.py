@@ -30,13 +30,13 @@ def test_eval_watch_dry_run_renders_the_watcher_job(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
 
 
-def test_eval_watch_after_the_training_job_waits_for_its_run_dir(tmp_path, capsys):
+def test_eval_watch_after_the_training_job_waits_for_its_config(tmp_path, capsys):
     run = tmp_path / "not-yet"
     argv = ["eval-watch", str(run), "--after", "4242", "--dry-run", "--", "--device", "cpu"]
     assert launch.main(argv) == 0
     script = capsys.readouterr().out
     assert "#SBATCH --dependency=after:4242" in script
-    assert f"until [ -d {run} ]; do sleep 10; done" in script
+    assert f"until [ -f {run}/config.yaml ]; do sleep 10; done" in script
     assert "--gres" not in script and script.count("--device") == 1
 
 
