@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megalite.errors import LaunchError
-from megalite.launch_slurm import at_least, require_sbatch, sbatch_file, time_limit_seconds
+from megalite.launch_slurm import (
+    at_least,
+    require_sbatch,
+    sbatch_directives,
+    sbatch_file,
+    time_limit_seconds,
+)
 
 _WATCH = """#!/bin/bash
 # megalite-eval watch as a job of its own, rendered by megalite-launch eval-watch.
@@ -59,18 +65,13 @@ class WatchJob:
             )
 
     def script(self) -> str:
-        extra = []
-        if self.gpus:
-            extra.append(f"#SBATCH --gres=gpu:{self.gpus}")
-        for flag, value in (
-            ("partition", self.partition),
-            ("account", self.account),
-            ("time", self.time),
-        ):
-            if value:
-                extra.append(f"#SBATCH --{flag}={value}")
-        if self.after is not None:
-            extra.append(f"#SBATCH --dependency=after:{self.after}")
+        extra = sbatch_directives(
+            gres=f"gpu:{self.gpus}" if self.gpus else None,
+            partition=self.partition,
+            account=self.account,
+            time=self.time,
+            dependency=f"after:{self.after}" if self.after is not None else None,
+        )
         args = list(self.watch_args)
         if self.gpus and not any(a == "--device" or a.startswith("--device=") for a in args):
             args += ["--device", "cuda"]

@@ -306,6 +306,12 @@ def render_sbatch(job: SlurmJob, argv: list[str] | None = None) -> str:
     return render(template, sbatch_values(job, command))
 
 
+def sbatch_directives(**options: object) -> list[str]:
+    """`#SBATCH --key=value` for each option given (None and empty values left out); keys are
+    sbatch's long options with `_` for `-`."""
+    return [f"#SBATCH --{k.replace('_', '-')}={v}" for k, v in options.items() if v]
+
+
 def require_sbatch() -> str:
     """sbatch's path, or one error; called before anything is written."""
     sbatch = shutil.which("sbatch")

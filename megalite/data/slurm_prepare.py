@@ -16,7 +16,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megalite.launch_slurm import at_least, require_sbatch, sbatch_file, time_limit_seconds
+from megalite.launch_slurm import (
+    at_least,
+    require_sbatch,
+    sbatch_directives,
+    sbatch_file,
+    time_limit_seconds,
+)
 
 _TEMPLATE = """#!/bin/bash
 # {what}, rendered by megalite-data prepare --executor slurm.
@@ -47,17 +53,12 @@ class SlurmArray:
             time_limit_seconds(self.time)
 
     def _extra(self, array: bool) -> str:
-        lines = []
-        if array:
-            lines.append(f"#SBATCH --array=0-{self.tasks - 1}")
-        for flag, value in (
-            ("partition", self.partition),
-            ("account", self.account),
-            ("time", self.time),
-        ):
-            if value:
-                lines.append(f"#SBATCH --{flag}={value}")
-        return "\n".join(lines)
+        array_range = f"0-{self.tasks - 1}" if array else None
+        return "\n".join(
+            sbatch_directives(
+                array=array_range, partition=self.partition, account=self.account, time=self.time
+            )
+        )
 
     def scripts(self, config: Path) -> tuple[str, str]:
         """(the array's script, the merge's script)."""
