@@ -1,6 +1,7 @@
 """Context parallelism (megalite/parallel/context.py): the checks before start, the layout of the
-shards, the memory plan, and — on a real 2-rank gloo group — Ulysses attention and a whole model
-on a split sequence against the same computation on one process.
+shards, the memory plan, and — on a real 2-rank gloo group — Ulysses attention, ring attention
+(torch's, its CUDA kernel replaced by CPU flash attention: tests/parallel/ring_cpu.py) and a whole
+model on a split sequence, each against the same computation on one process.
 
 The multi-rank part runs this file as the torchrun script (`python -m`), once, and the tests read
 what each rank wrote. Tolerances: the Ulysses all-to-alls only move values, and every head's
@@ -157,15 +158,27 @@ def test_ulysses_attention_matches_full_attention(ranks, backend):
 
 
 @pytest.mark.world_size(2)
-def test_model_on_split_sequence_matches_one_process(ranks):
+def test_ring_attention_matches_full_attention(ranks):
+    """torch's ring attention through megalite's RingAttention (grouped-query heads repeated,
+    head-tail shards): output and input gradients of each rank's shard equal the full
+    computation's. Fed contiguous shards instead (the Ulysses layout), it gives other numbers:
+    the ring's causal load balance relies on the head-tail layout, so the check has teeth."""
+    for rank in ranks:
+        assert rank["attention_ring"] <= 1e-5, rank
+        assert rank["attention_ring_wrong_layout"] > 1e-2, rank
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_model_on_split_sequence_matches_one_process(ranks, mode):
     """The loss averaged over the cp group is the full sequence's mean loss, and the averaged
     gradients are the full gradients: RoPE saw global positions (a shard at position 0 would
     change both), and every target was counted once."""
     for rank in ranks:
-        assert rank["loss_rel"] <= 1e-5, rank
-        assert rank["grad_rel"] <= 1e-5, rank
+        assert rank[f"{mode}_loss_rel"] <= 1e-5, rank
+        assert rank[f"{mode}_grad_rel"] <= 1e-5, rank
     # Local positions instead of global ones give another loss: the parity above has teeth.
-    assert ranks[1]["no_rope_rel"] > 1e-3, ranks[1]
+    assert ranks[1][f"{mode}_no_rope_rel"] > 1e-3, ranks[1]
 
 
 def _math_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor):
@@ -184,7 +197,8 @@ def _worker(out: Path) -> None:
 
     from megalite.model.layers import _sdpa
     from megalite.model.transformer import build_model
-    from megalite.parallel.context import UlyssesAttention, apply_cp
+    from megalite.parallel.context import RingAttention, UlyssesAttention, apply_cp
+    from tests.parallel import ring_cpu
 
     dist.init_process_group("gloo")
     rank, cp = dist.get_rank(), dist.get_world_size()
@@ -212,31 +226,55 @@ def _worker(out: Path) -> None:
         errors += [rel(x.grad, f.grad[:, s]) for x, f in zip(local, full)]
         result[f"attention_{name}"] = max(errors)
 
+    # Ring attention alone, on head-tail shards (and on contiguous ones).
+    ring_cpu.install()
+    ring = RingAttention(mesh)
+    ring_gen = torch.Generator().manual_seed(1)
+    full = [torch.randn(b, t, n, d, generator=ring_gen, requires_grad=True) for n in (h, k, k)]
+    for name, pos in (
+        ("ring", shard_positions(t, cp, rank, "ring")),
+        ("ring_wrong_layout", shard_positions(t, cp, rank, "ulysses")),
+    ):
+        for x in full:
+            x.grad = None
+        out_full = _sdpa(*full)
+        weight = torch.randn(out_full.shape, generator=ring_gen)
+        (out_full * weight).sum().backward()
+        local = [x.detach()[:, pos].clone().requires_grad_() for x in full]
+        out_local = ring(*local)
+        (out_local * weight[:, pos]).sum().backward()
+        errors = [rel(out_local, out_full[:, pos])]
+        errors += [rel(x.grad, f.grad[:, pos]) for x, f in zip(local, full)]
+        result[f"attention_{name}"] = max(errors)
+
     # A whole model: the cp average of the shard losses and gradients against one process.
     tokens = torch.randint(0, CP_MODEL.vocab_size, (2, 64), generator=gen)
     targets = torch.randint(0, CP_MODEL.vocab_size, (2, 64), generator=gen)
     ref = build_model(CP_MODEL)
     loss_full = ref(tokens, targets)
     loss_full.backward()
-    model = build_model(CP_MODEL)
-    apply_cp(model, mesh, "ulysses")
-    loss = model(tokens, targets)
-    loss.backward()
-    avg = loss.detach().clone()
-    dist.all_reduce(avg)
-    grads = [p.grad.clone() for p in model.parameters()]
-    for g in grads:
-        dist.all_reduce(g)
-    result["full_loss"], result["shard_loss"] = loss_full.item(), loss.item()
-    result["loss_rel"] = abs(avg.item() / cp - loss_full.item()) / loss_full.item()
-    result["grad_rel"] = max(rel(g / cp, p.grad) for g, p in zip(grads, ref.parameters()))
-    # The same split without global positions: rank r's RoPE rows start at 0 again (rolling
-    # the table moves row 0 to row r x S, where the hook reads it). Rank 0 starts at 0 anyway.
-    # (Both ranks run the forward: its all-to-alls need every rank.)
-    with torch.no_grad():
-        model.rope.copy_(model.rope.roll(rank * 64 // cp, dims=1))
-        shifted = model(tokens, targets)
-    result["no_rope_rel"] = abs(shifted.item() - loss.item()) / loss.item()
+    for mode in ("ulysses", "ring"):
+        model = build_model(CP_MODEL)
+        apply_cp(model, mesh, mode)
+        loss = model(tokens, targets)
+        loss.backward()
+        avg = loss.detach().clone()
+        dist.all_reduce(avg)
+        grads = [p.grad.clone() for p in model.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+        result[f"{mode}_loss_rel"] = abs(avg.item() / cp - loss_full.item()) / loss_full.item()
+        result[f"{mode}_grad_rel"] = max(
+            rel(g / cp, p.grad) for g, p in zip(grads, ref.parameters())
+        )
+        # The same split without global positions: rank r's RoPE rows move by its first
+        # position (rolling the table moves row 0 to the row the hook reads first). Rank 0
+        # starts at 0 anyway. (Both ranks run the forward: its collectives need every rank.)
+        with torch.no_grad():
+            first = int(shard_positions(64, cp, rank, mode)[0])
+            model.rope.copy_(model.rope.roll(first, dims=1))
+            shifted = model(tokens, targets)
+        result[f"{mode}_no_rope_rel"] = abs(shifted.item() - loss.item()) / loss.item()
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -1,6 +1,9 @@
 """Context parallelism trains the same model as one process, through the real trainer: 512-token
 sequences split over 2 ranks (Ulysses all-to-all on gloo), alone, with FSDP over dp_shard x cp,
-with HSDP and full activation checkpointing, and with tensor parallelism.
+with HSDP and full activation checkpointing, and with tensor parallelism; and the same with torch's
+ring attention (`parallel.cp_mode=ring`) alone and with FSDP, its per-chunk CUDA kernel replaced by
+CPU flash attention (tests/parallel/ring_cpu.py: the ring, its load balance, its merge and its
+backward are torch's own code on gloo).
 
 Two torchrun jobs (4 ranks, then 2), per-step losses and validation losses compared with one
 process on the same global batch, as tests/parallel/test_parity.py does for the other layouts and
@@ -11,6 +14,8 @@ cp average of shard losses and gradients), ~1e-7 per op. The issue asks for "the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.parallel.test_parity import FP32_RTOL, assert_same, overrides, single, torchrun
@@ -20,6 +25,7 @@ SEQ = 512
 # reference serves every case: Ulysses under cp x tp = 4 splits kv heads 4 ways. (Grouped-query
 # attention under cp: tests/parallel/test_context_parallel.py.)
 LONG = [f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", "model.n_kv_heads=4"]
+RING = ["parallel.cp=2", "parallel.cp_mode=ring", "model.attention=sdpa"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,8 @@ def data512(tiny_corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(data512, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp_parity")
-    r = {name: tmp / name for name in ("cp2_dp2", "cp2_tp2", "cp2_hsdp_ac", "cp2", "single")}
+    names = ("cp2_dp2", "cp2_tp2", "cp2_hsdp_ac", "cp2", "ring2", "ring2_dp2", "single")
+    r = {name: tmp / name for name in names}
     d = data512
     # 2 sequences per micro-batch over the data-parallel ranks in every layout (the ranks of a
     # cp group read the same ones), 2 micro-batches per step.
@@ -68,17 +75,34 @@ def runs(data512, tmp_path_factory):
                 "parallel.activation_checkpointing=full",
                 *LONG,
             ),
+            overrides(d, r["ring2_dp2"], 1, "parallel=fsdp", *RING, *LONG),
         ],
         tmp,
+        driver="ring_driver.py",
     )
-    torchrun(2, [overrides(d, r["cp2"], 2, "parallel=fsdp", "parallel.cp=2", *LONG)], tmp)
+    torchrun(
+        2,
+        [
+            overrides(d, r["cp2"], 2, "parallel=fsdp", "parallel.cp=2", *LONG),
+            overrides(d, r["ring2"], 2, "parallel=fsdp", *RING, *LONG),
+        ],
+        tmp,
+        driver="ring_driver.py",
+    )
     single(d, r["single"], *LONG, "train.micro_batch_size=2")
     return r
 
 
 @pytest.mark.slow
 @pytest.mark.world_size(4)
-@pytest.mark.parametrize("name", ["cp2", "cp2_dp2", "cp2_tp2", "cp2_hsdp_ac"])
+@pytest.mark.parametrize("name", ["cp2", "cp2_dp2", "cp2_tp2", "cp2_hsdp_ac", "ring2", "ring2_dp2"])
 def test_context_parallel_matches_single_process(runs, name):
     worst = assert_same(runs[name], runs["single"], FP32_RTOL)
     print(f"{name}: max relative loss difference to one process {worst:.2e}")
+    # The ring runs went through torch's ring attention (every layer, forward and backward, on
+    # every micro-batch and eval batch), the Ulysses runs never did.
+    calls = json.loads((runs[name] / "ring_calls.json").read_text())
+    if name.startswith("ring"):
+        assert calls["forward"] > 0 and calls["backward"] > 0, calls
+    else:
+        assert calls == {"forward": 0, "backward": 0}, calls

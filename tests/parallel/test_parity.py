@@ -62,10 +62,10 @@ def single(data: Path, run: Path, *extra: str, **train) -> Path:
     return run
 
 
-def torchrun(n: int, cases: list[list[str]], tmp: Path) -> None:
+def torchrun(n: int, cases: list[list[str]], tmp: Path, driver: str = "driver.py") -> None:
     spec = tmp / f"cases_{n}.json"
     spec.write_text(json.dumps(cases))
-    res = run_torchrun(n, [str(REPO / "tests/parallel/driver.py"), str(spec)], timeout=1500)
+    res = run_torchrun(n, [str(REPO / "tests/parallel" / driver), str(spec)], timeout=1500)
     (tmp / f"torchrun_{n}.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "terminate called" not in res.stderr
