@@ -8,7 +8,12 @@ them (5-10 % of words replaced, a paragraph pair swapped, new header and footer;
 tests/data/planted.py), as JSON lines in four files. Both use word 5-grams and 112 permutations
 (datatrove's defaults: 14 buckets x 8 hashes, which targets Jaccard ~ (1/14)^(1/8) = 0.72; megalite
 gets the same threshold and picks its own bands x rows). Documents removed by each are reported,
-so the speeds are for comparable work.
+so the speeds are for comparable work, and scored against the planted families: precision (the
+share of removed documents whose family keeps another member) and recall (the share of planted
+copies removed), with the true Jaccard of each planted copy to its original (word 5-gram sets,
+megalite's shingles) beside them. datatrove's bucket matches are not checked against the full
+signature, so it also removes pairs below the threshold that share one bucket; megalite checks
+each candidate pair's estimated Jaccard against the threshold.
 
 datatrove is not a megalite dependency: `pip install --no-deps datatrove==0.10.1 loguru humanize
 orjson` (no deps: it pins huggingface-hub>=1.6, which transformers 4.x refuses; its Hugging Face
@@ -55,7 +60,41 @@ def corpus(root: Path, fraction: float) -> tuple[Path, int]:
     return planted.files[0].parent, n + planted.copies
 
 
-def megalite_seconds(folder: Path) -> tuple[float, int]:
+def documents(folder: Path) -> list[dict]:
+    """Every document in reading order (files sorted, then lines): the order both sides index."""
+    docs = []
+    for path in sorted(folder.glob("*.jsonl")):
+        with open(path) as f:
+            docs += [json.loads(line) for line in f]
+    return docs
+
+
+def planted_jaccard(docs: list[dict]) -> list[float]:
+    """The true Jaccard of each planted copy's shingle set to its original's."""
+    from megalite.data.dedup import shingles
+
+    first: dict[int, set] = {}
+    out = []
+    for d in docs:
+        s = set(shingles(d["text"], NGRAM))
+        if d["family"] in first:
+            a = first[d["family"]]
+            out.append(len(a & s) / len(a | s))
+        else:
+            first[d["family"]] = s
+    return out
+
+
+def score(docs: list[dict], removed: list[int]) -> tuple[float, float]:
+    """(precision, recall) of a removal against the planted families."""
+    gone = set(removed)
+    kept_families = {d["family"] for i, d in enumerate(docs) if i not in gone}
+    correct = sum(docs[i]["family"] in kept_families for i in gone)
+    copies = len(docs) - len({d["family"] for d in docs})
+    return (correct / len(gone) if gone else 1.0), min(correct, copies) / copies
+
+
+def megalite_seconds(folder: Path) -> tuple[float, list[int]]:
     """Signatures of every document, then LSH + clusters: the near-dedup stage's work."""
     from megalite.data.dedup import NearDedupOptions, near_duplicates, signature
 
@@ -66,7 +105,7 @@ def megalite_seconds(folder: Path) -> tuple[float, int]:
             for line in f:
                 sigs.append(signature(json.loads(line)["text"], NGRAM, NUM_PERM))
     dups = near_duplicates(np.stack(sigs), NearDedupOptions(True, THRESHOLD, NGRAM, NUM_PERM))
-    return time.perf_counter() - t0, len(dups)
+    return time.perf_counter() - t0, sorted(int(i) for i in dups)
 
 
 def import_datatrove():
@@ -112,7 +151,7 @@ def _words_tokenizer(base):
     return Words("words")
 
 
-def datatrove_seconds(dt, folder: Path, work: Path) -> tuple[float, int]:
+def datatrove_seconds(dt, folder: Path, work: Path) -> tuple[float, list[int]]:
     import logging
 
     from loguru import logger
@@ -143,14 +182,16 @@ def datatrove_seconds(dt, folder: Path, work: Path) -> tuple[float, int]:
     run([dt.MinhashDedupCluster(str(buckets), str(ids), config=cfg)], 1, "c")
     run([dt.JsonlReader(str(folder)), dt.MinhashDedupFilter(str(ids))], 1, "f")
     seconds = time.perf_counter() - t0
-    return seconds, _removed_count(ids)
+    return seconds, _removed_ids(ids)
 
 
-def _removed_count(ids: Path) -> int:
-    total = 0
-    for f in ids.glob("*.remove"):
-        total += f.stat().st_size // 4  # uint32 document indices
-    return total
+def _removed_ids(ids: Path) -> list[int]:
+    """The indices datatrove's clustering marked for removal (uint32 per document, one file per
+    reader task; one task here, so indices are in reading order)."""
+    out = []
+    for f in sorted(ids.glob("*.remove")):
+        out += np.fromfile(f, dtype="<u4").tolist()
+    return sorted(out)
 
 
 def prepare_mb_s(folder: Path, root: Path, near: bool) -> float:
@@ -179,6 +220,9 @@ def main() -> None:
         folder, docs = corpus(root, args.copies_fraction)
         mb = sum(f.stat().st_size for f in folder.glob("*.jsonl")) / 1e6
         ours = [megalite_seconds(folder) for _ in range(args.runs)]
+        docs_list = documents(folder)
+        jac = np.array(planted_jaccard(docs_list))
+        precision, recall = score(docs_list, ours[0][1])
         row = {
             **_bench.provenance(),
             "documents": docs,
@@ -188,13 +232,23 @@ def main() -> None:
             "threshold": THRESHOLD,
             "runs": args.runs,
             "megalite_docs_per_s": docs / statistics.median(s for s, _ in ours),
-            "megalite_removed": ours[0][1],
+            "planted_copies": len(jac),
+            "planted_jaccard_p10": round(float(np.percentile(jac, 10)), 3),
+            "planted_jaccard_median": round(float(np.median(jac)), 3),
+            "planted_jaccard_p90": round(float(np.percentile(jac, 90)), 3),
+            "planted_above_threshold": int((jac >= THRESHOLD).sum()),
+            "megalite_removed": len(ours[0][1]),
+            "megalite_precision": round(precision, 3),
+            "megalite_recall": round(recall, 3),
         }
         dt = import_datatrove()
         if dt is not None:
             theirs = [datatrove_seconds(dt, folder, root / "dt") for _ in range(args.runs)]
             row["datatrove_docs_per_s"] = docs / statistics.median(s for s, _ in theirs)
-            row["datatrove_removed"] = theirs[0][1]
+            row["datatrove_removed"] = len(theirs[0][1])
+            dt_precision, dt_recall = score(docs_list, theirs[0][1])
+            row["datatrove_precision"] = round(dt_precision, 3)
+            row["datatrove_recall"] = round(dt_recall, 3)
             row["megalite_over_datatrove"] = (
                 row["megalite_docs_per_s"] / row["datatrove_docs_per_s"]
             )
