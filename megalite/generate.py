@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,7 +66,7 @@ class SamplingConfig:
 @dataclass
 class Completion:
     tokens: list[int]
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "stop" (the `stop` predicate said so) or "length"
 
 
 def filter_logits(
@@ -104,10 +104,12 @@ def generate(
     eos: Sequence[int] = (),
     *,
     use_cache: bool = True,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[Completion]:
-    """Continues each prompt (token ids). `use_cache=False` recomputes the whole prefix of each
-    sequence at every step with the plain forward: slow, the reference the cache is tested
-    against."""
+    """Continues each prompt (token ids). A row ends at an EOS token, or once `stop(tokens)`
+    (called on its generated tokens after each new one) is true; the batch stops when every row
+    has ended. `use_cache=False` recomputes the whole prefix of each sequence at every step with
+    the plain forward: slow, the reference the cache is tested against."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token (an empty prompt: pass EOS)")
     cfg = model.cfg
@@ -147,6 +149,8 @@ def generate(
                 finish[i] = "eos"
             else:
                 out[i].append(tok)
+                if stop is not None and stop(out[i]):
+                    finish[i] = "stop"
         if all(finish) or step == s.max_new_tokens - 1:
             break
         # Finished rows keep decoding (their tokens are ignored): the batch shape stays fixed

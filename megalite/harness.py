@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +224,9 @@ class MegaliteLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Batched KV-cache decoding, one batch per set of generation settings. The decoder runs
-        to max_gen_toks or EOS; the text is then cut at the first stop string."""
+        """Batched KV-cache decoding, one batch per set of generation settings. Each row ends at
+        EOS or as soon as its text holds a stop string, the batch when every row has ended (or at
+        max_gen_toks); the text is then cut at the first stop string."""
         from lm_eval.models.utils import (
             Collator,
             handle_stop_sequences,
@@ -262,12 +263,28 @@ class MegaliteLM(TemplateLM):
                 seed=self.seed,
             )
             with autocast_for(self.precision, self.dev):
-                done = generate(self.model, prompts, s, self.eos)
+                done = generate(self.model, prompts, s, self.eos, stop=self._stop_check(until))
             for ctx, c in zip(contexts, done):
                 text = postprocess_generated_text(self.tok_decode(c.tokens), until, None)
                 res.append(text)
                 self.cache_hook.add_partial("generate_until", (ctx, all_kwargs[0]), text)
         return coll.get_original(res)
+
+    def _stop_check(self, until: Sequence[str]) -> Callable[[list[int]], bool] | None:
+        """Whether generated tokens hold a stop string, decoding only their tail: a string of n
+        bytes that first appears with the newest token lies within its last n tokens (every
+        token is at least one byte; twice that, for tokenizers that drop a leading space when
+        decoding from the middle), so checking after each token finds it when it appears."""
+        stops = [u for u in until if u]
+        if not stops:
+            return None
+        window = 2 * max(len(u.encode("utf-8")) for u in stops) + 2
+
+        def check(tokens: list[int]) -> bool:
+            tail = self.tok_decode(tokens[-window:])
+            return any(u in tail for u in stops)
+
+        return check
 
 
 # ------------------------------------------------------------------------------ the tasks

@@ -82,6 +82,31 @@ def test_stops_at_eos_per_sequence(model):
         assert got.finish_reason == ("eos" if cut < len(ref.tokens) else "length")
 
 
+def test_a_stop_predicate_ends_each_row_and_then_the_batch(model):
+    """`stop` ends a row right after the token that made it true (the tokens so far are what
+    the free run produced), and once every row has ended no more decoding steps run."""
+    s = SamplingConfig(max_new_tokens=12, temperature=0)
+    free = generate(model, PROMPTS, s)
+    # Each row stops at its 3rd token (no row hits it earlier).
+    stopped = generate(model, PROMPTS, s, stop=lambda toks: len(toks) == 3)
+    assert [c.tokens for c in stopped] == [c.tokens[:3] for c in free]
+    assert all(c.finish_reason == "stop" for c in stopped)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        generate(model, PROMPTS, s, stop=lambda toks: len(toks) == 3)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # the prefill and 2 decoding steps, not 12
+    # A row that never stops runs to the limit; the others end early.
+    mixed = generate(model, PROMPTS, s, stop=lambda toks: toks == free[1].tokens[:2])
+    assert mixed[1].tokens == free[1].tokens[:2] and mixed[1].finish_reason == "stop"
+    others = [i for i in (0, 2) if free[i].tokens[:2] != free[1].tokens[:2]]
+    assert others  # the prompts differ, so do their continuations
+    for i in others:
+        assert mixed[i].tokens == free[i].tokens and mixed[i].finish_reason == "length"
+
+
 def test_sampling_is_reproducible_under_a_seed(model):
     s = dict(max_new_tokens=16, temperature=1.0)
     a = generate(model, PROMPTS, SamplingConfig(**s, seed=1))

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -117,6 +118,33 @@ def test_parity_with_lm_evals_hf_backend(converted):
         )
     assert _samples(ours, gen) == _samples(theirs, gen)
     assert ours["results"][gen]["exact_match,none"] == theirs["results"][gen]["exact_match,none"]
+
+
+def test_stop_strings_are_found_at_the_token_they_appear_with(converted):
+    """generate_until ends a row at the first token after which its text holds a stop string,
+    decoding only a tail of the tokens: on token streams with stop strings planted between
+    random tokens, that is the same token as decoding everything each time finds, including
+    stop strings split over several tokens and multi-byte ones."""
+    from megalite.harness import MegaliteLM
+
+    lm = MegaliteLM(converted[1], device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    stops = ["\n", "es", " the", "e t", "Question:", ", and", " é"]
+    found = split = 0
+    for stop in stops:
+        for filler in ("", "see", "the answer is", "a,b"):
+            noise = torch.randint(0, 300, (12,), generator=gen).tolist()
+            tokens = noise + lm.tok_encode(f"{filler}{stop}{filler}.") + noise
+            check = lm._stop_check([stop])
+            n = len(tokens)
+            full = next((k for k in range(1, n + 1) if stop in lm.tok_decode(tokens[:k])), None)
+            tail = next((k for k in range(1, n + 1) if check(tokens[:k])), None)
+            assert tail == full, (stop, filler, tokens)
+            found += full is not None
+            split += full is not None and stop not in lm.tok_decode(tokens[full - 1 : full])
+    assert found == len(stops) * 4
+    assert split >= 10  # most planted stop strings span tokens: the newest alone misses them
+    assert lm._stop_check([]) is None and lm._stop_check([""]) is None
 
 
 def test_cli_writes_the_harness_json_and_a_markdown_table(converted, tmp_path, capsys):
