@@ -45,9 +45,9 @@ from megalite.resilience import failpoint
 if TYPE_CHECKING:  # engine.py imports this module
     from megalite.engine import Engine
 
-# What defines the function a checkpoint's weights compute: parameter shapes, and the RoPE base
-# and norm epsilon. A checkpoint is loadable only if all of them match (the kernel backends and
-# max_seq_len may differ).
+# What defines the function a checkpoint's weights compute: parameter shapes, the RoPE base and
+# scaling, and the norm epsilon. A checkpoint is loadable only if all of them match (the kernel
+# backends and max_seq_len may differ).
 MODEL_FIELDS = (
     "vocab_size",
     "dim",
@@ -57,6 +57,7 @@ MODEL_FIELDS = (
     "hidden_dim",
     "tie_embeddings",
     "rope_theta",
+    "rope_scaling_params",
     "norm_eps",
 )
 

@@ -37,6 +37,9 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------- model
+ROPE_SCALINGS = ("none", "llama3")
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only Llama-style transformer. Presets: conf/model/*.yaml."""
@@ -54,6 +57,16 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling: none, or llama3 (Llama 3.1's rule, which Llama 3.1 / 3.2 / 3.3
+    # checkpoints use: factor 8, or 32 for Llama 3.2 1B and 3B; the other three values are the
+    # same in all of them). Frequencies whose wavelength exceeds original_max_seq_len /
+    # low_freq_factor are divided by the factor, those under original_max_seq_len /
+    # high_freq_factor are kept, and the ones in between are interpolated.
+    rope_scaling: str = "none"  # none | llama3
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -67,6 +80,20 @@ class ModelConfig:
             _positive(f"model.{key}", getattr(self, key))
         _positive("model.norm_eps", self.norm_eps)
         _positive("model.rope_theta", self.rope_theta)
+        _choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_scaling != "none":
+            for key in (
+                "rope_scaling_factor",
+                "rope_low_freq_factor",
+                "rope_high_freq_factor",
+                "rope_original_max_seq_len",
+            ):
+                _positive(f"model.{key}", getattr(self, key))
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ConfigError(
+                    f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                    f"model.rope_low_freq_factor={self.rope_low_freq_factor} (Llama 3.1: 4 and 1)"
+                )
         _positive("model.init_std", self.init_std)
         if self.n_kv_heads is not None:
             _positive("model.n_kv_heads", self.n_kv_heads)
@@ -88,6 +115,18 @@ class ModelConfig:
             _positive("model.ffn_dim", self.ffn_dim)
         _choice(ATTENTION.key, self.attention, ATTENTION.choices)
         _choice(NORM.key, self.norm, NORM.choices)
+
+    @property
+    def rope_scaling_params(self) -> tuple[float, float, float, int] | None:
+        """(factor, low_freq_factor, high_freq_factor, original_max_seq_len), or None unscaled."""
+        if self.rope_scaling == "none":
+            return None
+        return (
+            self.rope_scaling_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_max_seq_len,
+        )
 
     @property
     def kv_heads(self) -> int:

@@ -202,14 +202,7 @@ def model_config_from_hf(
     # transformers 5 writes `rope_parameters` (rope_type + rope_theta) instead of the two keys.
     rope_key = "rope_parameters" if "rope_parameters" in hf else "rope_scaling"
     scaling = hf.get(rope_key)
-    if scaling is not None and (scaling.get("rope_type") or scaling.get("type")) != "default":
-        raise _fail(
-            src,
-            rope_key,
-            scaling,
-            "is not supported; megalite's RoPE has no frequency scaling (converting would change "
-            f"the model's outputs); use a checkpoint without {rope_key}",
-        )
+    rope_fields = _rope_scaling_fields(src, rope_key, scaling)
     if hf.get("attention_dropout", 0.0):
         raise _fail(
             src,
@@ -242,6 +235,7 @@ def model_config_from_hf(
             ffn_dim=hf["intermediate_size"],
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float((scaling or {}).get("rope_theta") or hf.get("rope_theta", 1e4)),
+            **rope_fields,
             max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
             # LlamaConfig's default, which transformers applies when the key is absent.
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -249,6 +243,39 @@ def model_config_from_hf(
         )
     except ValueError as e:  # ConfigError from ModelConfig.__post_init__
         raise InteropError(f"{src}: {e}") from e
+
+
+# Hugging Face's names of the llama3 rope-scaling values -> ModelConfig's.
+LLAMA3_ROPE_KEYS = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_seq_len",
+}
+
+
+def _rope_scaling_fields(src: str, key: str, scaling: dict | None) -> dict[str, Any]:
+    """ModelConfig's rope-scaling fields for a Hugging Face `rope_scaling` (or transformers 5
+    `rope_parameters`) entry: none, or Llama 3.1's llama3 rule with its four values."""
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return {}
+    if kind != "llama3":
+        raise _fail(
+            src,
+            key,
+            scaling,
+            "is not supported; megalite's RoPE knows no scaling or Llama 3.1's llama3 rule "
+            f"(converting would change the model's outputs); use a checkpoint without {key}",
+        )
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+    if missing:
+        raise _fail(src, key, scaling, f"has rope_type llama3 but no {missing[0]!r}")
+    fields: dict[str, Any] = {"rope_scaling": "llama3"}
+    for hf_key, field in LLAMA3_ROPE_KEYS.items():
+        cast = int if field == "rope_original_max_seq_len" else float
+        fields[field] = cast(scaling[hf_key])
+    return fields
 
 
 def model_config_from_meta(
@@ -268,8 +295,9 @@ def model_config_from_meta(
             src,
             "use_scaled_rope",
             True,
-            "is not supported; megalite's RoPE has no "
-            "frequency scaling (converting would change the model's outputs)",
+            "is not supported from Meta's format, whose params.json does not state the scaling "
+            "factor (8 for Llama 3.1, 32 for Llama 3.2 1B/3B); convert the Hugging Face release "
+            "of the model, whose config.json does (megalite-convert from-hf)",
         )
     try:
         return ModelConfig(
@@ -290,6 +318,15 @@ def model_config_from_meta(
         raise InteropError(f"{src} has no {e.args[0]!r}; it is not a Meta Llama params.json") from e
     except ValueError as e:
         raise InteropError(f"{src}: {e}") from e
+
+
+def _hf_rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    if cfg.rope_scaling == "none":
+        return None
+    return {
+        "rope_type": cfg.rope_scaling,
+        **{hf_key: getattr(cfg, field) for hf_key, field in LLAMA3_ROPE_KEYS.items()},
+    }
 
 
 def hf_config_from_model(
@@ -314,7 +351,7 @@ def hf_config_from_model(
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": _hf_rope_scaling(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,

@@ -9,6 +9,7 @@ Shape legend: B batch, T sequence, H query heads, K kv heads, D head dim, C mode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -51,13 +52,32 @@ def _norm_fn(backend: str) -> Callable[[torch.Tensor, torch.Tensor, float], torc
 
 # -------------------------------------------------------------------------------------- RoPE
 def rope_cos_sin(
-    head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
+    head_dim: int,
+    max_seq_len: int,
+    theta: float,
+    device: torch.device | None = None,
+    scaling: tuple[float, float, float, int] | None = None,
 ) -> torch.Tensor:
-    """cos and sin tables stacked as (2, T, D/2), in fp32."""
+    """cos and sin tables stacked as (2, T, D/2), in fp32. `scaling`: Llama 3.1's frequency
+    scaling, ModelConfig.rope_scaling_params."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, *scaling)
     t = torch.arange(max_seq_len, device=device).float()
     angles_TD = torch.outer(t, inv_freq)
     return torch.stack([angles_TD.cos(), angles_TD.sin()])
+
+
+def llama3_scaled(
+    inv_freq: torch.Tensor, factor: float, low: float, high: float, original_len: int
+) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency scaling. With r = original_len / wavelength (the number of
+    turns a frequency makes over the original context): r <= low, a long wavelength, gets the
+    frequency divided by `factor`; r >= high keeps it; in between the frequency is the mix
+    (1 - s) * f / factor + s * f with s = (r - low) / (high - low), linear in r."""
+    turns = original_len * inv_freq / (2 * math.pi)
+    s = ((turns - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - s) * inv_freq / factor + s * inv_freq
 
 
 def apply_rope(x_BTHD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,11 @@ class Transformer(nn.Module):
         self.tie_weights()
         # Recomputed in init_weights (buffers built on meta hold no values); not checkpointed.
         self.register_buffer(
-            "rope", rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False
+            "rope",
+            rope_cos_sin(
+                cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling_params
+            ),
+            persistent=False,
         )
         if loss == "fused_linear":
             self._fused_loss: FusedLossFn | None = fused_linear_loss_fn()
@@ -201,8 +205,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
+        cfg = self.cfg
         rope = rope_cos_sin(
-            self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope.device
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.rope.device, cfg.rope_scaling_params
         )
         self.rope.copy_(rope)
 

@@ -182,6 +182,77 @@ def test_round_trip_is_bitwise(tmp_path):
         assert torch.equal(p, q), k
 
 
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # With head dim 8 and theta 5e5 the four wavelengths are 6.3, 167, 4443 and 118k tokens:
+    # over 400 / 4 = 100 (kept), between 100 and 400 (interpolated), over 400 (divided by 4).
+    "original_max_position_embeddings": 400,
+}
+
+
+def test_llama3_rope_scaling_imports_and_exports_the_same_model(tmp_path):
+    """A Llama 3.1-style checkpoint (rope_scaling llama3) imports to megalite's logits equal to
+    transformers', the same weights without the scaling give other logits, and the export's
+    config.json carries the scaling back: transformers loads it to the same logits."""
+    import dataclasses
+
+    from megalite.model.transformer import build_model
+
+    hf = random_hf_llama(tied=False, rope_scaling=LLAMA3_SCALING, max_position_embeddings=512)
+    hf.save_pretrained(tmp_path / "hf")
+    res = import_hf(tmp_path / "hf", tmp_path / "ml")
+    assert res.cfg.rope_scaling == "llama3"
+    assert res.cfg.rope_scaling_params == (4.0, 1.0, 4.0, 400)
+    model, _ = load_for_inference(res.out)
+    x = torch.randint(0, 97, (3, 60))
+    ref = logits(hf, x)
+    torch.testing.assert_close(logits(model, x), ref, **TOL)
+    plain = build_model(dataclasses.replace(res.cfg, rope_scaling="none"))
+    plain.load_state_dict(model.state_dict())
+    assert (logits(plain, x) - ref).abs().max() > 1e-2
+
+    back = export_hf(model.state_dict(), res.cfg, tmp_path / "back")
+    config = json.loads((back / "config.json").read_text())
+    assert config["rope_scaling"] == LLAMA3_SCALING
+    again = transformers.LlamaForCausalLM.from_pretrained(
+        back, local_files_only=True, attn_implementation="eager"
+    ).eval()
+    torch.testing.assert_close(logits(again, x), ref, **TOL)
+
+
+def test_llama3_frequency_bands():
+    """Each band of the llama3 rule: kept above `high` turns over the original context, divided
+    by the factor below `low`, and in between linear in the turns, continuous at both ends."""
+    import math
+
+    from megalite.model.layers import llama3_scaled
+
+    original, factor = 1000, 8.0
+    turns = torch.tensor([0.5, 1.0, 2.5, 4.0, 9.0])
+    inv_freq = turns * 2 * math.pi / original
+    got = llama3_scaled(inv_freq, factor, 1.0, 4.0, original) / inv_freq
+    s = (2.5 - 1.0) / (4.0 - 1.0)
+    want = torch.tensor([1 / factor, 1 / factor, (1 - s) / factor + s, 1.0, 1.0])
+    torch.testing.assert_close(got, want)
+
+
+def test_rope_scaling_is_checked_and_part_of_the_checkpoint_identity(tmp_path):
+    from megalite.checkpoint import _model_fields
+    from megalite.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.rope_scaling='yarn' is not one of none, llama3"):
+        ModelConfig(rope_scaling="yarn")
+    with pytest.raises(ConfigError, match=r"model.rope_high_freq_factor=1.0 must exceed"):
+        ModelConfig(rope_scaling="llama3", rope_high_freq_factor=1.0)
+    ModelConfig(rope_high_freq_factor=1.0)  # ignored unless scaling is on
+    plain = _model_fields({"dim": 64})
+    assert plain == _model_fields({"dim": 64, "rope_scaling_factor": 32.0})
+    assert plain != _model_fields({"dim": 64, "rope_scaling": "llama3"})
+
+
 # ------------------------------------------------------------------------- RoPE layouts
 def meta_apply_rotary_emb(x_BTHD: torch.Tensor, theta: float) -> torch.Tensor:
     """Meta's llama/model.py RoPE: adjacent pairs (x[2i], x[2i + 1]) as complex numbers."""
@@ -256,7 +327,12 @@ def test_meta_checkpoint_imports_to_the_same_model(tmp_path):
         ({"model_type": "mistral"}, r"config.json: model_type='mistral' is not supported"),
         (
             {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-            r"rope_scaling=\{'rope_type': 'llama3', 'factor': 8.0\} is not supported",
+            r"rope_scaling=\{'rope_type': 'llama3', 'factor': 8.0\} has rope_type llama3 but "
+            r"no 'low_freq_factor'",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            r"rope_scaling=\{'rope_type': 'linear', 'factor': 2.0\} is not supported; .*llama3",
         ),
         ({"attention_bias": True}, r"attention_bias=True is not supported; .* no bias"),
         ({"mlp_bias": True}, r"mlp_bias=True is not supported"),
