@@ -153,6 +153,12 @@ def convert() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES)
     exp.add_argument("--tokenizer", help=TOKENIZER_HELP)
     exp.add_argument("--no-tokenizer", action="store_true", help="write the model only")
+    exp.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest weights file (default 5GB, as save_pretrained); a bigger model is written "
+        "as numbered shards with model.safetensors.index.json",
+    )
     exp.add_argument("--overwrite", action="store_true")
     ds = sub.add_parser(
         "from-deepspeed", help="DeepSpeed ZeRO checkpoint (zero1/2/3 run) -> megalite DCP weights"

@@ -30,6 +30,7 @@ from megalite.interop.llama_hf import (
     import_hf,
     import_meta,
     n_params_label,
+    parse_size,
     tokenizer_config,
 )
 from megalite.interop.llama_map import model_overrides
@@ -55,6 +56,7 @@ def to_hf(args: argparse.Namespace) -> Path:
     """Export: loads the checkpoint (any layout) and writes the Hugging Face dir."""
     from megalite.evaluate import eos_ids, find_tokenizer, load_tokenizer, run_data_config
 
+    max_shard_bytes = parse_size(args.max_shard_size)  # before the (slow) checkpoint load
     ckpt = resolve_checkpoint(args.checkpoint)
     model, meta = load_for_inference(ckpt, "cpu")
     cfg = model.cfg
@@ -98,6 +100,7 @@ def to_hf(args: argparse.Namespace) -> Path:
         bos_id=bos,
         eos_id=eos_id,
         overwrite=args.overwrite,
+        max_shard_bytes=max_shard_bytes,
     )
     print(
         f"megalite-convert: wrote {out} from {ckpt} (step {meta.get('step')}, {args.dtype}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,11 @@ from megalite.interop.llama_map import (
     from_hf_state_dict,
     hf_config_from_model,
     hf_name,
+    hf_tensors,
     interleaved_to_half,
     model_config_from_hf,
     model_config_from_meta,
     model_preset_yaml,
-    to_hf_state_dict,
 )
 from megalite.rundir import write_meta
 
@@ -44,6 +45,28 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# save_pretrained's default shard size: 5 GB (decimal, as transformers counts).
+MAX_SHARD_BYTES = 5 * 10**9
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '2GiB' or a plain number of bytes (transformers' units: KB,
+    MB, GB are powers of 10, KiB, MiB, GiB of 2)."""
+    t = text.strip().upper()
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            value = float(t[: -len(unit)]) * _SIZE_UNITS[unit]
+            break
+    else:
+        value = float(t) if t.replace(".", "", 1).isdigit() else 0
+    if value < 1:
+        raise InteropError(
+            f"--max-shard-size={text!r} is not a size; give bytes or a number with KB, MB, GB, "
+            "KiB, MiB or GiB (e.g. 5GB)"
+        )
+    return int(value)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -313,19 +336,20 @@ def export_hf(
     bos_id: int | None = None,
     eos_id: int | list[int] | None = None,
     overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """megalite state dict -> Hugging Face dir (config.json, model.safetensors, generation
-    config, tokenizer files) that `LlamaForCausalLM.from_pretrained` and `AutoTokenizer` load.
-    `tokenizer_files` are copied ({name in out: source path}); `extra_files` are written."""
-    from safetensors.torch import save_file
-
+    """megalite state dict -> Hugging Face dir (config.json, the weights, generation config,
+    tokenizer files) that `LlamaForCausalLM.from_pretrained` and `AutoTokenizer` load.
+    `tokenizer_files` are copied ({name in out: source path}); `extra_files` are written. The
+    weights are one model.safetensors up to `max_shard_bytes`, else shards
+    model-0000i-of-0000N.safetensors of at most that size (a larger tensor alone) with
+    model.safetensors.index.json, as `save_pretrained` writes them."""
     if dtype not in DTYPES:
         raise InteropError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
     tmp = _staging_dir(out, overwrite)
     try:
-        hf_sd = to_hf_state_dict(sd, cfg, DTYPES[dtype])
-        save_file(hf_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(hf_tensors(sd, cfg, DTYPES[dtype]), tmp, max_shard_bytes)
         config = hf_config_from_model(cfg, dtype=dtype, bos_id=bos_id, eos_id=eos_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id}
@@ -339,6 +363,51 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_safetensors(
+    tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int
+) -> list[Path]:
+    """Writes (name, tensor) pairs in order into shards of at most `max_shard_bytes`, holding one
+    shard's tensors at a time; one shard is model.safetensors, several are numbered and indexed
+    in model.safetensors.index.json. Returns the files written."""
+    from safetensors.torch import save_file
+
+    parts: list[Path] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        path = out / f"part-{len(parts):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        parts.append(path)
+        weight_map.update({name: path.name for name in shard})
+        shard, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor
+        size += nbytes
+        total += nbytes
+    if shard or not parts:
+        flush()
+    if len(parts) == 1:
+        final = [parts[0].rename(out / "model.safetensors")]
+        return final
+    names = {p.name: f"model-{i:05d}-of-{len(parts):05d}.safetensors" for i, p in
+             enumerate(parts, 1)}  # fmt: skip
+    final = [p.rename(out / names[p.name]) for p in parts]
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {name: names[part] for name, part in weight_map.items()},
+    }
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return final
 
 
 def tokenizer_config(eos_token: str | None, bos_token: str | None, max_len: int) -> dict:

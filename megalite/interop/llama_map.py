@@ -17,6 +17,7 @@ and each is handled in one place here:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -81,18 +82,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def to_hf_state_dict(
+def hf_tensors(
     sd: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """A megalite state dict in Hugging Face names. With tied embeddings the output weight is
-    left out, as `save_pretrained` does (transformers re-ties `lm_head` on load)."""
-    out = {}
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A megalite state dict's tensors in Hugging Face names, converted one at a time (an export
+    holds one shard's copies at once, not the whole model's). With tied embeddings the output
+    weight is left out, as `save_pretrained` does (transformers re-ties `lm_head` on load)."""
     for name, tensor in sd.items():
         if cfg.tie_embeddings and name == "output.weight":
             continue
         # safetensors needs contiguous tensors; the tied copy (shared memory) is already skipped.
-        out[hf_name(name)] = tensor.detach().to("cpu", dtype).contiguous()
-    return out
+        yield hf_name(name), tensor.detach().to("cpu", dtype).contiguous()
 
 
 def from_hf_state_dict(

@@ -253,6 +253,53 @@ def test_rope_scaling_is_checked_and_part_of_the_checkpoint_identity(tmp_path):
     assert plain != _model_fields({"dim": 64, "rope_scaling": "llama3"})
 
 
+def test_export_over_the_shard_size_writes_indexed_shards(tmp_path, capsys):
+    """A model over --max-shard-size is written as numbered shards of at most that size (a
+    bigger tensor alone) with save_pretrained's index; transformers loads them to megalite's
+    logits, and importing them back gives the same weights bit for bit."""
+    from safetensors import safe_open
+
+    from megalite.interop.cli import main
+    from megalite.interop.llama_hf import parse_size
+
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
+                      max_seq_len=64)  # fmt: skip
+    ckpt = random_checkpoint(tmp_path / "orig", cfg, seed=2)
+    model, _ = load_for_inference(ckpt)
+    limit = 20_000  # the embedding alone is 97 x 48 x 4 = 18,624 bytes
+    out = export_hf(model.state_dict(), cfg, tmp_path / "hf", max_shard_bytes=limit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 4 and not (out / "model.safetensors").exists()
+    assert {p.name for p in shards} == set(index["weight_map"].values())
+    total = 0
+    for path in shards:
+        with safe_open(str(path), "pt") as f:
+            sizes = [f.get_tensor(k).numel() * 4 for k in f.keys()]
+        assert sum(sizes) <= limit or len(sizes) == 1, (path.name, sizes)
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        out, local_files_only=True, attn_implementation="eager"
+    ).eval()
+    x = torch.randint(0, 97, (2, 30))
+    torch.testing.assert_close(logits(hf, x), logits(model, x), **TOL)
+    again, _ = load_for_inference(import_hf(out, tmp_path / "again").out)
+    for (k, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), k
+    # Under the limit: one file, as before.
+    single = export_hf(model.state_dict(), cfg, tmp_path / "one")
+    assert sorted(p.name for p in single.glob("model*")) == ["model.safetensors"]
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5MB") == 1_500_000 and parse_size("4096") == 4096
+    bad = tmp_path / "bad"
+    assert main(["to-hf", str(ckpt), str(bad), "--max-shard-size", "5XB"]) != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "megalite-convert" in line]
+    assert len(err) == 1 and "--max-shard-size='5XB' is not a size" in err[0], err
+    assert not bad.exists()
+
+
 # ------------------------------------------------------------------------- RoPE layouts
 def meta_apply_rotary_emb(x_BTHD: torch.Tensor, theta: float) -> torch.Tensor:
     """Meta's llama/model.py RoPE: adjacent pairs (x[2i], x[2i + 1]) as complex numbers."""
