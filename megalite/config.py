@@ -38,6 +38,12 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 # --------------------------------------------------------------------------------------- model
 ROPE_SCALINGS = ("none", "llama3")
+ROPE_SCALING_FIELDS = (
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_seq_len",
+)
 
 
 @dataclass
@@ -57,11 +63,8 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # RoPE frequency scaling: none, or llama3 (Llama 3.1's rule, which Llama 3.1 / 3.2 / 3.3
-    # checkpoints use: factor 8, or 32 for Llama 3.2 1B and 3B; the other three values are the
-    # same in all of them). Frequencies whose wavelength exceeds original_max_seq_len /
-    # low_freq_factor are divided by the factor, those under original_max_seq_len /
-    # high_freq_factor are kept, and the ones in between are interpolated.
+    # RoPE frequency scaling: none, or llama3 (Llama 3.1 / 3.2 / 3.3 checkpoints: factor 8, or
+    # 32 for 3.2 1B and 3B; the rule: model/layers.py llama3_scaled).
     rope_scaling: str = "none"  # none | llama3
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
@@ -82,12 +85,7 @@ class ModelConfig:
         _positive("model.rope_theta", self.rope_theta)
         _choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         if self.rope_scaling != "none":
-            for key in (
-                "rope_scaling_factor",
-                "rope_low_freq_factor",
-                "rope_high_freq_factor",
-                "rope_original_max_seq_len",
-            ):
+            for key in ROPE_SCALING_FIELDS:
                 _positive(f"model.{key}", getattr(self, key))
             if self.rope_high_freq_factor <= self.rope_low_freq_factor:
                 raise ConfigError(
@@ -121,12 +119,7 @@ class ModelConfig:
         """(factor, low_freq_factor, high_freq_factor, original_max_seq_len), or None unscaled."""
         if self.rope_scaling == "none":
             return None
-        return (
-            self.rope_scaling_factor,
-            self.rope_low_freq_factor,
-            self.rope_high_freq_factor,
-            self.rope_original_max_seq_len,
-        )
+        return tuple(getattr(self, key) for key in ROPE_SCALING_FIELDS)  # type: ignore[return-value]
 
     @property
     def kv_heads(self) -> int:
