@@ -397,8 +397,7 @@ def write_safetensors(
     if shard or not parts:
         flush()
     if len(parts) == 1:
-        final = [parts[0].rename(out / "model.safetensors")]
-        return final
+        return [parts[0].rename(out / "model.safetensors")]
     names = {p.name: f"model-{i:05d}-of-{len(parts):05d}.safetensors" for i, p in
              enumerate(parts, 1)}  # fmt: skip
     final = [p.rename(out / names[p.name]) for p in parts]

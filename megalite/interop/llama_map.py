@@ -265,8 +265,8 @@ def _rope_scaling_fields(src: str, key: str, scaling: dict | None) -> dict[str, 
             src,
             key,
             scaling,
-            "is not supported; megalite's RoPE knows no scaling or Llama 3.1's llama3 rule "
-            f"(converting would change the model's outputs); use a checkpoint without {key}",
+            "is not supported; megalite's RoPE scaling is Llama 3.1's rule (rope_type llama3) "
+            f"only (converting would change the model's outputs); use a checkpoint without {key}",
         )
     missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
     if missing:
