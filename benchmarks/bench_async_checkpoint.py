@@ -18,7 +18,6 @@ writer shares the cores with training (on a GPU it does not compete with the ker
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megalite.kernels import _bench
 
 from megalite import checkpoint
 from megalite.checkpoint_async import AsyncSaver
@@ -170,13 +170,7 @@ def main() -> None:
         "git_sha": sha,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(row))
-        w.writeheader()
-        w.writerow(row)
-    print(f"saved {out}")
+    _bench.write_csv(Path(args.out), [row])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ read: 1/cp if the split is clean.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from megalite.kernels import _bench
 
 from megalite.bench_report import git_sha
 from megalite.config import ModelConfig
@@ -147,12 +147,7 @@ def main() -> None:
             f"{r['measured_over_plan']:.2f})",
             flush=True,
         )
-    path = OUT / f"context_parallel-{stamp}.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(records[0]))
-        w.writeheader()
-        w.writerows(records)
-    print(f"wrote {path}")
+    _bench.write_csv(OUT / f"context_parallel-{stamp}.csv", records)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ timestamp.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
 import statistics
@@ -117,13 +116,12 @@ def main() -> None:
         "steps": args.steps,
         "every": args.every,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"eval-beside-training-{stamp}.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*meta, *rows[0], "ratio_with_over_without"])
-        w.writeheader()
-        for row in rows:
-            w.writerow({**meta, **row, "ratio_with_over_without": ratio})
+    from megalite.kernels import _bench
+
+    path = _bench.write_csv(
+        OUT / f"eval-beside-training-{stamp}.csv",
+        [{**meta, **row, "ratio_with_over_without": ratio} for row in rows],
+    )
     print(
         f"step time with / without the watcher: {ratio:.3f} (per round: "
         + ", ".join(f"{x:.3f}" for x in per_round)

@@ -17,7 +17,6 @@ The issue's bar: every float8 final loss within 3 % of bf16's.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from megalite.kernels import _bench
 
 from megalite.compose import compose_config
 from megalite.metrics import read_metrics
@@ -106,13 +106,7 @@ def main() -> None:
             f"{rows[-1]['recipe']:>18}: final loss {loss:.4f} ({loss / ref - 1:+.2%} vs bf16), "
             f"{seconds:.0f} s"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"saved {out}")
+    _bench.write_csv(Path(args.out), rows)
 
 
 if __name__ == "__main__":

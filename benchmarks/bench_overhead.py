@@ -22,7 +22,6 @@ benchmarks/results/overhead-<timestamp>.csv with the git SHA, device and timesta
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import statistics
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from megalite.kernels import _bench
 
 from megalite.bench import percentile
 from megalite.bench_grid import BenchConfig, ensure_data
@@ -208,12 +208,7 @@ def main() -> None:
             f"overhead {row['overhead_ms']:+.1f} ms/step",
             flush=True,
         )
-    out = OUT / f"overhead-{stamp}.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    _bench.write_csv(OUT / f"overhead-{stamp}.csv", rows)
 
 
 if __name__ == "__main__":

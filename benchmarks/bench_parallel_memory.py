@@ -26,7 +26,6 @@ The ratio measured / theory is the number to read.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from megalite.kernels import _bench
 
 from megalite.bench_report import git_sha
 
@@ -230,12 +230,7 @@ def main() -> None:
             f"measured {r['measured_peak_mb']:8.1f} MB  ratio {r['ratio']:.2f}",
             flush=True,
         )
-    out = OUT / f"parallel_memory-{stamp}.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    _bench.write_csv(OUT / f"parallel_memory-{stamp}.csv", rows)
 
 
 if __name__ == "__main__":

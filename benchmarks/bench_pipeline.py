@@ -24,7 +24,6 @@ Rows go to benchmarks/results/pipeline-<stamp>.csv with the git SHA, device and 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -246,12 +245,9 @@ def main() -> None:
                     + f" | bubble formula {bubble:.1%}",
                     flush=True,
                 )
-    out = OUT / f"pipeline-{stamp}.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    from megalite.kernels import _bench
+
+    _bench.write_csv(OUT / f"pipeline-{stamp}.csv", rows)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ benchmarks/results/vs_nanogpt-<timestamp>.csv with the git SHA, device and times
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -42,10 +41,9 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from megalite.kernels import _bench
 
-from megalite.bench_report import git_sha
 from megalite.config import ModelConfig
-from megalite.metrics import device_name
 from megalite.model import layers
 from megalite.model.transformer import build_model
 from megalite.parallel.parallelize import compile_blocks
@@ -151,11 +149,7 @@ def main() -> None:
         for name in names[i % len(names) :] + names[: i % len(names)]:
             times[name] += run[name].time(args.steps)
     base = statistics.median(times["nanogpt"])
-    common = {
-        "git_sha": git_sha(),
-        "device": device_name(torch.device("cpu")),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    common = _bench.provenance()
     rows = []
     for name in names:
         ms = statistics.median(times[name])
@@ -173,13 +167,7 @@ def main() -> None:
             f"{name:20s} {run[name].n_params / 1e6:6.3f}M params {1e3 * ms:7.2f} ms/step  "
             f"x{ms / base:.3f} of nanoGPT"
         )
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"vs_nanogpt-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
+    _bench.write_csv(OUT / f"vs_nanogpt-{time.strftime('%Y%m%d-%H%M%S')}.csv", rows)
 
 
 if __name__ == "__main__":

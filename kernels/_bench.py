@@ -39,6 +39,18 @@ def provenance() -> dict[str, str]:
     }
 
 
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Writes ``rows`` to a new CSV at ``path`` (columns: every key, in first-seen order) and
+    prints where: the one-file-per-run results of ``benchmarks/bench_*.py``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+    return path
+
+
 def write_rows(name: str, rows: Sequence[dict[str, Any]], out_dir: Path | None = None) -> Path:
     """Append rows to ``<out_dir>/<name>.csv`` (header written once) and print them as a table."""
     out_dir = out_dir or RESULTS_DIR
