@@ -208,23 +208,30 @@ def _worker(out: Path) -> None:
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).abs().max() / b.abs().max()).item()
 
+    def shard_error(full, full_fn, local_fn, pos, gen) -> float:
+        """Largest relative error of local_fn's output and input gradients on this rank's
+        tokens `pos` against full_fn on the whole sequence (one random weighting of the
+        output as the loss)."""
+        for x in full:
+            x.grad = None
+        out_full = full_fn(*full)
+        weight = torch.randn(out_full.shape, generator=gen)
+        (out_full * weight).sum().backward()
+        local = [x.detach()[:, pos].clone().requires_grad_() for x in full]
+        out_local = local_fn(*local)
+        (out_local * weight[:, pos]).sum().backward()
+        errors = [rel(out_local, out_full[:, pos])]
+        errors += [rel(x.grad, f.grad[:, pos]) for x, f in zip(local, full)]
+        return max(errors)
+
     # Attention alone, GQA (4 query heads, 2 kv heads), sequence 2 x 12 tokens.
     gen = torch.Generator().manual_seed(0)
     b, t, h, k, d = 2, 24, 4, 2, 8
     full = [torch.randn(b, t, n, d, generator=gen, requires_grad=True) for n in (h, k, k)]
-    s = slice(rank * t // cp, (rank + 1) * t // cp)
+    contiguous = shard_positions(t, cp, rank, "ulysses")
     for name, fn in (("sdpa", _sdpa), ("math", _math_attention)):
-        for x in full:
-            x.grad = None
-        out_full = fn(*full)
-        weight = torch.randn(out_full.shape, generator=gen)
-        (out_full * weight).sum().backward()
-        local = [x.detach()[:, s].clone().requires_grad_() for x in full]
-        out_local = UlyssesAttention(fn, mesh.get_group(), cp)(*local)
-        (out_local * weight[:, s]).sum().backward()
-        errors = [rel(out_local, out_full[:, s])]
-        errors += [rel(x.grad, f.grad[:, s]) for x, f in zip(local, full)]
-        result[f"attention_{name}"] = max(errors)
+        ulysses = UlyssesAttention(fn, mesh.get_group(), cp)
+        result[f"attention_{name}"] = shard_error(full, fn, ulysses, contiguous, gen)
 
     # Ring attention alone, on head-tail shards (and on contiguous ones).
     ring_cpu.install()
@@ -233,19 +240,9 @@ def _worker(out: Path) -> None:
     full = [torch.randn(b, t, n, d, generator=ring_gen, requires_grad=True) for n in (h, k, k)]
     for name, pos in (
         ("ring", shard_positions(t, cp, rank, "ring")),
-        ("ring_wrong_layout", shard_positions(t, cp, rank, "ulysses")),
+        ("ring_wrong_layout", contiguous),
     ):
-        for x in full:
-            x.grad = None
-        out_full = _sdpa(*full)
-        weight = torch.randn(out_full.shape, generator=ring_gen)
-        (out_full * weight).sum().backward()
-        local = [x.detach()[:, pos].clone().requires_grad_() for x in full]
-        out_local = ring(*local)
-        (out_local * weight[:, pos]).sum().backward()
-        errors = [rel(out_local, out_full[:, pos])]
-        errors += [rel(x.grad, f.grad[:, pos]) for x, f in zip(local, full)]
-        result[f"attention_{name}"] = max(errors)
+        result[f"attention_{name}"] = shard_error(full, _sdpa, ring, pos, ring_gen)
 
     # A whole model: the cp average of the shard losses and gradients against one process.
     tokens = torch.randint(0, CP_MODEL.vocab_size, (2, 64), generator=gen)
