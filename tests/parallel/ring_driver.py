@@ -12,34 +12,28 @@ forwards and backwards ran to RUN_DIR/ring_calls.json.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 import megalite.preflight as preflight
-from megalite.compose import compose_config
+from megalite.config import Config
 from megalite.parallel.context import check_cp_device
-from megalite.trainer import Trainer
-from tests.parallel import ring_cpu
+from tests.parallel import driver, ring_cpu
 
 
 def main() -> None:
     ring_cpu.install()
     preflight.check_cp_device = lambda cfg, device_type, cp: check_cp_device(cfg, "cuda", cp)
-    cases = json.loads(open(sys.argv[1]).read())
-    dist.init_process_group("gloo")
-    try:
-        for overrides in cases:
-            cfg = compose_config(overrides)
-            before = dict(ring_cpu.CALLS)
-            Trainer(cfg).fit()
-            if dist.get_rank() == 0:
-                calls = {k: ring_cpu.CALLS[k] - before[k] for k in before}
-                (Path(cfg.train.run_dir) / "ring_calls.json").write_text(json.dumps(calls))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    seen = dict(ring_cpu.CALLS)
+
+    def count_ring_calls(cfg: Config) -> None:
+        calls = {k: ring_cpu.CALLS[k] - seen[k] for k in seen}
+        seen.update(ring_cpu.CALLS)
+        if dist.get_rank() == 0:
+            (Path(cfg.train.run_dir) / "ring_calls.json").write_text(json.dumps(calls))
+
+    driver.main(after_case=count_ring_calls)
 
 
 if __name__ == "__main__":
