@@ -99,11 +99,7 @@ def megalite_seconds(folder: Path) -> tuple[float, list[int]]:
     from megalite.data.dedup import NearDedupOptions, near_duplicates, signature
 
     t0 = time.perf_counter()
-    sigs = []
-    for path in sorted(folder.glob("*.jsonl")):
-        with open(path) as f:
-            for line in f:
-                sigs.append(signature(json.loads(line)["text"], NGRAM, NUM_PERM))
+    sigs = [signature(d["text"], NGRAM, NUM_PERM) for d in documents(folder)]
     dups = near_duplicates(np.stack(sigs), NearDedupOptions(True, THRESHOLD, NGRAM, NUM_PERM))
     return time.perf_counter() - t0, sorted(int(i) for i in dups)
 
